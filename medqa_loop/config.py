@@ -1,0 +1,280 @@
+"""Typed run configuration: YAML file + ``--set key.sub=value`` overrides, validated on load.
+
+Everything here runs before any model or dataset is touched, so a typo in a key, a wrong type
+or an impossible value costs seconds, not a 7B model load. Errors always name the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value is wrong. The message names the dotted key."""
+
+
+# The bundled Mistral-7B sentencepiece tokenizer (shipped inside the `mistral-common` package).
+EMBEDDED_TOKENIZER = "mistral-common"
+# The small medical QA sample shipped inside this package (medqa_loop/assets/).
+EMBEDDED_DATASET = "embedded:sample_medqa"
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelConfig:
+    # Hub name or local directory of a transformers causal LM.
+    name_or_path: str = "alecocc/mistral-7B-SFT-medqa-graph-cot"
+    # Hub name / directory of the tokenizer; None = same as the model; "mistral-common" = the
+    # real Mistral-7B tokenizer bundled in the mistral-common package (works offline).
+    tokenizer: str | None = None
+    # MistralConfig fields for a random-init base (tests, offline demo, GPU benchmarks). When set,
+    # the model is built, saved under <output_dir>/base and then loaded like any user model.
+    random_init: dict | None = None
+    load_in_8bit: bool = True
+    # LLM.int8 outlier threshold (bitsandbytes' default 6.0; 0 disables the fp16 outlier path).
+    llm_int8_threshold: float = 6.0
+    # dtype of the non-quantized parts (norms, embeddings, lm_head, LoRA). The recipe ran fp32.
+    dtype: str = "float32"
+    gradient_checkpointing: bool = True
+    # Mistral is native to transformers: running code from the hub is opt-in only.
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class DataConfig:
+    # Hub dataset name, a local file (.parquet/.jsonl/.json/.csv), a `datasets.save_to_disk`
+    # directory, or "embedded:sample_medqa" (the sample bundled with this package).
+    dataset: str = "thesven/SyntheticMedicalQA-4336"
+    split: str = "train"
+    question_column: str = "question"
+    answer_column: str = "response"
+    # Fraction held out for validation (the recipe's train_test_split(test_size=0.2)).
+    val_fraction: float = 0.2
+    max_length: int = 1024
+    prompt_template: str = "### Question:\n{input_text}\n\n### Answer:\n"
+    # Name of a registered loss mask (medqa_loop.masking): "completion_only" trains on the answer
+    # and EOS; "full_sequence" is the original recipe's loss on every token (padding excluded).
+    mask: str = "completion_only"
+    # Use only the first N rows (after loading, before the split); None = all.
+    max_rows: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    # Optional cap on optimizer steps; the run stops (and saves final/) when reached.
+    max_steps: int | None = None
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_grad_norm: float = 0.3
+    eval_every: int = 50
+    # Cap on validation micro-batches per evaluation; None = the whole validation split.
+    eval_max_batches: int | None = None
+    eval_batch_size: int = 4
+    # Batches of the 2-batch sanity eval run before the first step (0 disables it).
+    sanity_eval_batches: int = 2
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/recipe"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from nested dicts, strictly.
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` coerced to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # YAML reads "1" as int; a float key accepts it
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    plain = origin or tp
+    # bool is an int in Python; never let `true` pass as an int or `1` as a bool.
+    if isinstance(value, plain) and not (plain is int and isinstance(value, bool)):
+        return value
+    if plain is float and isinstance(value, str):
+        try:  # PyYAML reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(
+        f"config key '{key}' must be {getattr(plain, '__name__', plain)}, got {value!r}"
+    )
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            hint = _typo_hint(key, names)
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name in names & raw.keys():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_type(raw[name], tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _typo_hint(key: str, names: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(names), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(sorted(names))})"
+
+
+def _validate(cfg: Config) -> None:
+    from medqa_loop.masking import MASKS
+
+    t, d, m, lo = cfg.train, cfg.data, cfg.model, cfg.lora
+    positive = {
+        "train.epochs": t.epochs,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.grad_accum_steps": t.grad_accum_steps,
+        "train.eval_every": t.eval_every,
+        "train.eval_batch_size": t.eval_batch_size,
+        "data.max_length": d.max_length,
+        "lora.r": lo.r,
+        "lora.alpha": lo.alpha,
+        "train.lr": t.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value!r}")
+    for key, value in {
+        "train.max_steps": t.max_steps,
+        "train.eval_max_batches": t.eval_max_batches,
+        "data.max_rows": d.max_rows,
+    }.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0 or null, got {value!r}")
+    for key, value in {
+        "train.weight_decay": t.weight_decay,
+        "train.warmup_steps": t.warmup_steps,
+        "train.max_grad_norm": t.max_grad_norm,
+        "train.sanity_eval_batches": t.sanity_eval_batches,
+        "model.llm_int8_threshold": m.llm_int8_threshold,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {value!r}")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction!r}")
+    if not 0.0 <= lo.dropout < 1.0:
+        raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lo.dropout!r}")
+    if not lo.target_modules:
+        raise ConfigError("config key 'lora.target_modules' must name at least one module")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(
+            f"config key 'model.dtype' must be float32, bfloat16 or float16, got {m.dtype!r}"
+        )
+    if d.mask not in MASKS:
+        raise ConfigError(f"config key 'data.mask' must be one of {sorted(MASKS)}, got {d.mask!r}")
+    if "{input_text}" not in d.prompt_template:
+        raise ConfigError("config key 'data.prompt_template' must contain '{input_text}'")
+    if m.random_init is not None:
+        from transformers import MistralConfig
+
+        known = set(MistralConfig().to_dict())
+        for key in m.random_init:
+            if key not in known:
+                raise ConfigError(
+                    f"unknown config key 'model.random_init.{key}' (not a MistralConfig field)"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4). The value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key.sub=value, got {item!r}")
+    key, _, text = item.partition("=")
+    if not key.strip():
+        raise ConfigError(f"--set expects key.sub=value, got {item!r}")
+    return key.strip().split("."), yaml.safe_load(text) if text.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set each dotted key in the nested dict; structure errors name the key."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key '{'.'.join(path[: i + 1])}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw or {}, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (None = the original recipe's defaults), apply overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    try:
+        return config_from_dict(apply_overrides(raw, overrides or []))
+    except ConfigError as e:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{e}{where}") from None

@@ -1,0 +1,214 @@
+"""Data: load question/answer pairs, check them, split, tokenize, build labels, batch.
+
+Labels are built here and nowhere else: ``labels`` is ``input_ids`` with -100 wherever the loss
+mask gives weight 0 (the prompt, by default) and on padding; ``loss_weights`` carries the mask's
+weights. Labels are *not* shifted: HF causal LMs (and medqa_loop.losses) shift them.
+Padding is dynamic: a batch is padded to its own longest pair, never to ``max_length``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medqa_loop.config import DataConfig
+from medqa_loop.masking import MaskFn, MaskInput, apply_mask
+
+ASSETS = Path(__file__).parent / "assets"
+FILE_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """Bad dataset source or row. The message names the source, row and column."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _load_source(spec: str, split: str):
+    """A datasets.Dataset from a hub name, a local file or directory, or an embedded sample."""
+    import datasets
+
+    if spec.startswith("embedded:"):
+        path = ASSETS / f"{spec.split(':', 1)[1]}.jsonl"
+        if not path.is_file():
+            known = sorted(f"embedded:{p.stem}" for p in ASSETS.glob("*.jsonl"))
+            raise DataError(f"unknown embedded dataset {spec!r}; available: {known}")
+        return datasets.load_dataset("json", data_files=str(path), split="train")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        fmt = FILE_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise DataError(
+                f"dataset file {path}: unsupported extension {path.suffix!r} "
+                f"(use {', '.join(FILE_FORMATS)} or a datasets.save_to_disk directory)"
+            )
+        return datasets.load_dataset(fmt, data_files=str(path), split="train")
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"dataset {path} has splits {list(loaded)}, not {split!r}")
+            loaded = loaded[split]
+        return loaded
+    if spec.startswith((".", "/", "~")) or path.suffix.lower() in FILE_FORMATS:
+        raise DataError(f"dataset path not found: {spec}")
+    try:
+        return datasets.load_dataset(spec, split=split)
+    except Exception as e:  # the hub client raises many types; all mean "could not get it"
+        raise DataError(
+            f"cannot load dataset {spec!r} from the hub ({type(e).__name__}: {e}). "
+            "Offline? Point data.dataset at a local .parquet/.jsonl/.csv file or directory."
+        ) from e
+
+
+@dataclass
+class Pairs:
+    """Validated pairs; ``rows`` are indices into the loaded source, kept through the split."""
+
+    source: str
+    questions: list[str]
+    answers: list[str]
+    rows: list[int]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def load_pairs(cfg: DataConfig) -> Pairs:
+    ds = _load_source(cfg.dataset, cfg.split)
+    for column in (cfg.question_column, cfg.answer_column):
+        if column not in ds.column_names:
+            raise DataError(
+                f"dataset {cfg.dataset}: missing column {column!r} "
+                f"(columns: {ds.column_names}; set data.question_column / data.answer_column)"
+            )
+    if cfg.max_rows is not None:
+        ds = ds.select(range(min(cfg.max_rows, len(ds))))
+    questions, answers = ds[cfg.question_column], ds[cfg.answer_column]
+    for row, (q, a) in enumerate(zip(questions, answers)):
+        for column, text in ((cfg.question_column, q), (cfg.answer_column, a)):
+            if not isinstance(text, str):
+                raise DataError(
+                    f"dataset {cfg.dataset}: row {row}, column {column!r}: "
+                    f"expected text, got {type(text).__name__} {text!r:.40}"
+                )
+            if not text.strip():
+                raise DataError(f"dataset {cfg.dataset}: row {row}, column {column!r}: empty text")
+    return Pairs(cfg.dataset, list(questions), list(answers), list(range(len(questions))))
+
+
+def split_pairs(pairs: Pairs, val_fraction: float, seed: int) -> tuple[Pairs, Pairs]:
+    """A seeded shuffle, then the last ``val_fraction`` (rounded up) is validation."""
+    n_val = math.ceil(len(pairs) * val_fraction)
+    if n_val >= len(pairs):
+        raise DataError(
+            f"dataset {pairs.source}: {len(pairs)} rows leave nothing to train on "
+            f"with data.val_fraction={val_fraction}"
+        )
+    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def take(idx: list[int]) -> Pairs:
+        return Pairs(
+            pairs.source,
+            [pairs.questions[i] for i in idx],
+            [pairs.answers[i] for i in idx],
+            [pairs.rows[i] for i in idx],
+        )
+
+    return take(perm[n_val:]), take(perm[:n_val])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization and labels
+
+
+@dataclass
+class Encoded:
+    examples: list[dict]  # input_ids, labels, loss_weights, row (lists; unpadded)
+    truncated: int  # pairs whose answer was cut at max_length
+
+
+def encode_pairs(pairs: Pairs, tokenizer, cfg: DataConfig, mask_fn: MaskFn) -> Encoded:
+    """Tokenize ``BOS + prompt + answer + EOS`` and build labels and loss weights.
+
+    The pair is tokenized as one string (what the model sees at inference), and the prompt's
+    length is read off the offsets, so the boundary token is never tokenized differently from
+    the full text. BOS/EOS are added here explicitly: some tokenizer files (e.g. the bare
+    sentencepiece model) don't add BOS by themselves, and Mistral was trained with it.
+    A pair longer than ``max_length`` loses the end of its answer (and its EOS, since it did not
+    end there); a prompt that leaves no room for the answer is an error naming the row.
+    """
+    prompts = [cfg.prompt_template.format(input_text=q) for q in pairs.questions]
+    texts = [p + a for p, a in zip(prompts, pairs.answers)]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    head = [bos] if bos is not None else []
+    examples, truncated = [], 0
+    for prompt, ids, offsets, row in zip(prompts, enc["input_ids"], enc["offset_mapping"], pairs.rows):
+        prompt_len = len(head) + sum(1 for start, _ in offsets if start < len(prompt))
+        if prompt_len >= cfg.max_length:
+            raise DataError(
+                f"dataset {pairs.source}: row {row}, column {cfg.question_column!r}: the prompt "
+                f"alone is {prompt_len} tokens, leaving no room for the answer in "
+                f"data.max_length={cfg.max_length}"
+            )
+        full = head + ids + [eos]
+        if len(full) > cfg.max_length:
+            full = full[: cfg.max_length]
+            truncated += 1
+        weights = apply_mask(mask_fn, MaskInput(full, prompt_len, row))
+        labels = [t if w > 0 else -100 for t, w in zip(full, weights)]
+        examples.append({"input_ids": full, "labels": labels, "loss_weights": weights, "row": row})
+    return Encoded(examples, truncated)
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example of this batch; pads get label -100 and weight 0."""
+    width = max(len(e["input_ids"]) for e in examples)
+
+    def pad(key: str, value, dtype) -> torch.Tensor:
+        return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples], dtype=dtype)
+
+    return {
+        "input_ids": pad("input_ids", pad_id, torch.long),
+        "attention_mask": torch.tensor(
+            [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
+        ),
+        "labels": pad("labels", -100, torch.long),
+        "loss_weights": pad("loss_weights", 0.0, torch.float32),
+        "rows": torch.tensor([e["row"] for e in examples]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Order and accumulation windows. Pure functions of (n, seed, epoch, rank, world): the order of
+# every epoch can be recomputed, which resume and replay rely on.
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch (a fresh permutation per epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def accumulation_windows(
+    order: list[int], micro_batch: int, grad_accum: int, rank: int = 0, world: int = 1
+) -> list[list[list[int]]]:
+    """Split one epoch into optimizer-step windows; return this rank's micro-batches of each.
+
+    A window is ``grad_accum * world`` consecutive micro-batches; rank r takes micro-batches
+    r, r+world, ... of it, so N processes x GA g see exactly the pairs one process x GA N*g
+    sees. The last window of an epoch may be short (it still makes an optimizer step, with its
+    loss normalised by its own token count); no pair is dropped or duplicated.
+    """
+    batches = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
+    span = grad_accum * world
+    return [batches[i : i + span][rank::world] for i in range(0, len(batches), span)]
+
+
+def steps_per_epoch(n: int, micro_batch: int, grad_accum: int, world: int = 1) -> int:
+    return math.ceil(math.ceil(n / micro_batch) / (grad_accum * world))

@@ -1,0 +1,184 @@
+"""The training loop: explicit, flat, top to bottom. Every part is built elsewhere and passed in.
+
+One optimizer step = one accumulation window of ``grad_accum_steps`` micro-batches per process:
+
+  1. lr for this step, from a pure function of the step (optim.lr_at)
+  2. collate the whole window first, so its loss normaliser (the summed weight of its target
+     tokens, over all processes) is known before the first backward
+  3. per micro-batch: forward, *sum* of weighted token losses, backward of sum * world / N.
+     This is the one place the loss is scaled. DDP averages gradients over processes, hence the
+     factor ``world``; the result is exactly d(mean token loss over the window)/d(params),
+     however the tokens fall into micro-batches and processes. A mean of micro-batch means
+     would over-weight short answers.
+  4. clip (the pre-clip norm is logged), optimizer step, zero_grad
+  5. log; every ``eval_every`` steps evaluate; at each epoch end evaluate and save the adapter
+
+We do not use ``accelerator.accumulate``: it decides when to sync from its own micro-step
+counter, which drifts from ours on a short last window. ``no_sync`` on all but the last
+micro-batch gives the same communication saving with no hidden state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from medqa_loop.config import Config
+from medqa_loop.data import accumulation_windows, epoch_order, steps_per_epoch
+from medqa_loop.losses import target_weight, weighted_loss_sum
+from medqa_loop.metrics import MetricsLog, perplexity
+from medqa_loop.optim import lr_at
+
+Batch = dict[str, torch.Tensor]
+
+
+def forward_loss_sum(model, batch: Batch) -> torch.Tensor:
+    """Sum of weighted token losses of one batch (no normalisation: the caller divides once)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return weighted_loss_sum(logits, batch["labels"], batch["loss_weights"])
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator,
+    model,
+    examples: list[dict],
+    collate_fn: Callable[[list[dict]], Batch],
+    batch_size: int,
+    max_batches: int | None = None,
+) -> float:
+    """Validation loss: summed token loss / summed weight over the whole (capped) split.
+
+    Each process takes every world-th example and the sums are reduced, so every example counts
+    exactly once however many processes run. The model goes back to train mode even on error.
+    """
+    if max_batches is not None:
+        examples = examples[: max_batches * batch_size]
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    totals = torch.zeros(2, device=accelerator.device)
+    model.eval()  # dropout off
+    try:
+        for i in range(0, len(mine), batch_size):
+            batch = {k: v.to(accelerator.device) for k, v in collate_fn(mine[i : i + batch_size]).items()}
+            totals[0] += forward_loss_sum(model, batch).float()
+            totals[1] += target_weight(batch)
+    finally:
+        model.train()
+    totals = accelerator.reduce(totals, reduction="sum")
+    if totals[1] <= 0:
+        raise ValueError("the validation split has no target tokens to evaluate on")
+    return (totals[0] / totals[1]).item()
+
+
+def train(
+    cfg: Config,
+    accelerator,
+    model,
+    optimizer: torch.optim.Optimizer,
+    train_examples: list[dict],
+    val_examples: list[dict],
+    collate_fn: Callable[[list[dict]], Batch],
+    save_checkpoint: Callable[[str], object],
+    log: MetricsLog,
+) -> dict:
+    """Run the configured epochs (or ``train.max_steps``); return the last logged values."""
+    t = cfg.train
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_epoch = steps_per_epoch(len(train_examples), t.micro_batch_size, t.grad_accum_steps, world)
+    total_steps = per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.epochs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Clipping at 0 would zero every update; 0 means "don't clip" (the norm is still logged).
+    clip_at = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+
+    def run_eval(step: int, epoch: float, max_batches: int | None = t.eval_max_batches) -> float:
+        loss = evaluate(accelerator, model, val_examples, collate_fn, t.eval_batch_size, max_batches)
+        log.write(step=step, epoch=round(epoch, 4), eval_loss=loss, eval_ppl=perplexity(loss))
+        return loss
+
+    # A short eval before the first step: a broken eval path or a NaN model fails in seconds,
+    # not after the first eval_every steps; it also records the starting loss.
+    last = {"step": 0}
+    if t.sanity_eval_batches:
+        last["eval_loss"] = run_eval(0, 0.0, t.sanity_eval_batches)
+
+    model.train()
+    step = 0
+    bar = tqdm(total=total_steps, disable=not accelerator.is_main_process, desc="train")
+    for epoch in range(t.epochs):
+        order = epoch_order(len(train_examples), cfg.seed, epoch)
+        windows = accumulation_windows(order, t.micro_batch_size, t.grad_accum_steps, rank, world)
+        for window_index, window in enumerate(windows):
+            if step >= total_steps:
+                break  # train.max_steps reached mid-epoch
+            started = time.perf_counter()
+            lr = lr_at(step, t.lr, t.warmup_steps, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            batches = [
+                {k: v.to(accelerator.device) for k, v in collate_fn([train_examples[i] for i in mb]).items()}
+                for mb in window
+            ]
+            # counts: [summed weight (the normaliser), target tokens, non-pad tokens, pairs]
+            counts = torch.tensor(
+                [
+                    [target_weight(b) for b in batches],
+                    [(b["labels"][:, 1:] != -100).sum() for b in batches],
+                    [b["attention_mask"].sum() for b in batches],
+                    [len(b["rows"]) for b in batches],
+                ],
+                dtype=torch.float64,
+                device=accelerator.device,
+            ).sum(dim=1)
+            counts = accelerator.reduce(counts, reduction="sum")
+            # An all-masked window has a zero loss sum; the clamp keeps its gradient 0, not NaN.
+            scale = world / counts[0].clamp(min=1e-8)
+
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(batches):
+                last_micro = i == len(batches) - 1
+                # Gradients are all-reduced once per window, on its last micro-batch.
+                with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+                    micro_loss = forward_loss_sum(model, batch)
+                    accelerator.backward(micro_loss * scale.to(micro_loss.dtype))
+                loss_sum += micro_loss.detach().float()
+
+            grad_norm = accelerator.clip_grad_norm_(params, clip_at)  # returns the pre-clip norm
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            loss = (accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=1e-8)).item()
+            elapsed = time.perf_counter() - started
+            epoch_pos = epoch + (window_index + 1) / len(windows)
+            last = {
+                "step": step,
+                "epoch": round(epoch_pos, 4),
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "target_tokens": int(counts[1]),
+                "tokens_per_s": counts[2].item() / elapsed,
+                "samples_per_s": counts[3].item() / elapsed,
+            }
+            log.write(**last)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{float(grad_norm):.3f}",
+                tok_s=f"{last['tokens_per_s']:.0f}",
+            )
+
+            if window_index == len(windows) - 1:
+                last["eval_loss"] = run_eval(step, epoch + 1.0)
+                save_checkpoint(f"epoch-{epoch + 1}")
+            elif step % t.eval_every == 0:
+                last["eval_loss"] = run_eval(step, epoch_pos)
+        if step >= total_steps:
+            break
+    bar.close()
+    save_checkpoint("final")
+    return last

@@ -1,0 +1,84 @@
+"""Loss masks: which tokens of a tokenized pair the loss trains on, and with what weight.
+
+A mask is a function ``mask(example: MaskInput) -> list[float]`` returning one weight per token
+of the unpadded sequence. Weight 0 drops a token from the loss (its label becomes -100); any
+positive weight scales that token's loss, and the window's loss is divided by the sum of the
+weights, so a 0/1 mask gives the plain mean over target tokens. Padding never reaches a mask: the
+collator gives pad positions weight 0.
+
+Register your own with ``@register_mask("name")`` and select it with ``data.mask: name``, or
+point ``data.mask`` at ``package.module:function`` without registering.
+
+Weight i belongs to the *label* at position i, i.e. how much predicting token i (from tokens
+< i) counts. HF causal LMs shift labels themselves, so position 0 (BOS) is never predicted.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class MaskInput:
+    input_ids: list[int]  # BOS + prompt + answer (+ EOS unless truncated), unpadded
+    prompt_len: int  # number of leading tokens that belong to BOS + prompt
+    row: int  # index of the pair in the loaded dataset (before the train/val split)
+
+    @property
+    def answer_span(self) -> tuple[int, int]:
+        """[start, end) of the answer tokens, EOS included when present."""
+        return self.prompt_len, len(self.input_ids)
+
+
+MaskFn = Callable[[MaskInput], list[float]]
+MASKS: dict[str, MaskFn] = {}
+
+
+def register_mask(name: str) -> Callable[[MaskFn], MaskFn]:
+    def deco(fn: MaskFn) -> MaskFn:
+        MASKS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_mask("completion_only")
+def completion_only(ex: MaskInput) -> list[float]:
+    """Train on the answer and EOS only: the model is not taught to write questions."""
+    return [0.0] * ex.prompt_len + [1.0] * (len(ex.input_ids) - ex.prompt_len)
+
+
+@register_mask("full_sequence")
+def full_sequence(ex: MaskInput) -> list[float]:
+    """The original recipe's loss on prompt and answer (its pad-token loss is not reproduced)."""
+    return [1.0] * len(ex.input_ids)
+
+
+def resolve_mask(spec: str) -> MaskFn:
+    """A registered name, or ``package.module:function``. Raises ValueError naming the spec."""
+    if spec in MASKS:
+        return MASKS[spec]
+    if ":" not in spec:
+        raise ValueError(f"unknown mask {spec!r}: registered masks are {sorted(MASKS)}")
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import mask {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"mask {spec!r} is not callable")
+    return fn
+
+
+def apply_mask(fn: MaskFn, ex: MaskInput) -> list[float]:
+    """Call a mask and check its output, so a buggy custom mask fails with the row it broke on."""
+    weights = [float(w) for w in fn(ex)]
+    if len(weights) != len(ex.input_ids):
+        raise ValueError(
+            f"mask returned {len(weights)} weights for {len(ex.input_ids)} tokens (row {ex.row})"
+        )
+    if any(w < 0 or w != w for w in weights):
+        raise ValueError(f"mask returned a negative or NaN weight (row {ex.row})")
+    return weights

@@ -1,0 +1,147 @@
+"""Model: tokenizer, the 8-bit base, LoRA adapters, gradient checkpointing.
+
+Deliberately *not* ``peft.prepare_model_for_kbit_training``: it up-casts every non-int8 weight
+(embeddings, norms, lm_head) to fp32 and so costs GBs on a 7B base (peft#1149). The frozen base
+keeps ``model.dtype``; only the LoRA matrices train.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from medqa_loop.config import EMBEDDED_TOKENIZER, LoraSettings, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """Model or tokenizer cannot be found or loaded; raised before any weights are read."""
+
+
+def embedded_tokenizer_file() -> Path:
+    """The real Mistral-7B v0.1 sentencepiece model (32,000 tokens) shipped by mistral-common."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def _hub_error(what: str, name: str, e: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot load {what} {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}). "
+        "Not a local directory and the hub is unreachable? Pass a local path."
+    )
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """Tokenizer with EOS as pad (the recipe's choice). Errors name the source."""
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.name_or_path
+    if source == EMBEDDED_TOKENIZER:
+        # transformers reads a bare sentencepiece model only from a directory named for it.
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(embedded_tokenizer_file(), Path(tmp) / "tokenizer.model")
+            tok = AutoTokenizer.from_pretrained(tmp)
+    else:
+        if _looks_local(source) and not Path(source).expanduser().is_dir():
+            raise ModelLoadError(f"tokenizer path not found: {source}")
+        try:
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        except OSError as e:
+            raise _hub_error("tokenizer", source, e) from e
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer {source!r} has no EOS token; answers could never end")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_random_base(cfg: ModelConfig, tokenizer, out_dir: Path, seed: int) -> Path:
+    """Save a random-init Mistral (``model.random_init`` fields) so it loads like a real base.
+
+    Going through save + from_pretrained means the 8-bit quantization and every other step of
+    the user's path runs for the tiny test model and the 7B benchmark model alike.
+    """
+    from transformers import MistralConfig, MistralForCausalLM
+
+    fields = {"vocab_size": len(tokenizer), **cfg.random_init}
+    fields.setdefault("pad_token_id", tokenizer.pad_token_id)
+    fields.setdefault("bos_token_id", tokenizer.bos_token_id)
+    fields.setdefault("eos_token_id", tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(MistralConfig(**fields)).to(DTYPES[cfg.dtype])
+    model.save_pretrained(out_dir)  # safetensors
+    return out_dir
+
+
+def check_model_source(name: str, trust_remote_code: bool = False) -> None:
+    """Read only the model's config: a wrong path or unreachable hub fails before weights load."""
+    from transformers import AutoConfig
+
+    if _looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
+        raise ModelLoadError(f"model path {name} is not a model directory (no config.json)")
+    try:
+        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise _hub_error("model", name, e) from e
+
+
+def load_base(cfg: ModelConfig, source: str, device: torch.device):
+    """The frozen base, int8 through bitsandbytes when ``load_in_8bit`` (lm_head kept as is)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = None
+    if cfg.load_in_8bit:
+        quant = BitsAndBytesConfig(
+            load_in_8bit=True,
+            llm_int8_threshold=cfg.llm_int8_threshold,
+            # The output projection stays in model.dtype: int8 logits hurt, and it is frozen.
+            llm_int8_skip_modules=["lm_head"],
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        source,
+        quantization_config=quant,
+        dtype=DTYPES[cfg.dtype],
+        # 8-bit weights are quantized as they are placed, so the placement must be given here.
+        device_map={"": device},
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool):
+    """Freeze the base and wrap it with trainable LoRA adapters (PEFT)."""
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing: works with frozen inputs (no enable_input_require_grads
+        # hack) and with no_sync/DDP. Newer transformers renamed the method (5.17 has only the
+        # old name, later 5.x warn on it).
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+    )
+    return get_peft_model(model, config)
+
+
+def is_int8_linear(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear8bitLt) and module.weight.dtype == torch.int8
