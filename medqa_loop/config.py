@@ -168,7 +168,7 @@ def _typo_hint(key: str, names: set[str]) -> str:
 
 
 def _validate(cfg: Config) -> None:
-    from medqa_loop.masking import MASKS
+    from medqa_loop.masking import resolve_mask
 
     t, d, m, lo = cfg.train, cfg.data, cfg.model, cfg.lora
     positive = {
@@ -211,8 +211,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'model.dtype' must be float32, bfloat16 or float16, got {m.dtype!r}"
         )
-    if d.mask not in MASKS:
-        raise ConfigError(f"config key 'data.mask' must be one of {sorted(MASKS)}, got {d.mask!r}")
+    try:
+        resolve_mask(d.mask)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.mask': {e}") from None
     if "{input_text}" not in d.prompt_template:
         raise ConfigError("config key 'data.prompt_template' must contain '{input_text}'")
     if m.random_init is not None:

@@ -34,12 +34,47 @@ from medqa_loop.metrics import MetricsLog, perplexity
 from medqa_loop.optim import lr_at
 
 Batch = dict[str, torch.Tensor]
+EPS = 1e-8  # floor of the loss normaliser: an all-masked window must not divide by 0
 
 
 def forward_loss_sum(model, batch: Batch) -> torch.Tensor:
     """Sum of weighted token losses of one batch (no normalisation: the caller divides once)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return weighted_loss_sum(logits, batch["labels"], batch["loss_weights"])
+
+
+def window_counts(accelerator, batches: list[Batch]) -> torch.Tensor:
+    """[summed weight (the loss normaliser), target tokens, non-pad tokens, pairs] of a window,
+    summed over all its micro-batches on all processes."""
+    counts = torch.tensor(
+        [
+            [float(target_weight(b)) for b in batches],
+            [float((b["labels"][:, 1:] != -100).sum()) for b in batches],
+            [float(b["attention_mask"].sum()) for b in batches],
+            [float(len(b["input_ids"])) for b in batches],
+        ],
+        dtype=torch.float64,
+        device=accelerator.device,
+    ).sum(dim=1)
+    return accelerator.reduce(counts, reduction="sum")
+
+
+def backward_window(accelerator, model, batches: list[Batch], normaliser: torch.Tensor) -> torch.Tensor:
+    """Forward + backward every micro-batch of one window; return the local (unscaled) loss sum.
+
+    The one place the loss is scaled: by world / normaliser (see the module docstring). An
+    all-masked window has a zero loss sum; the clamp keeps its gradient 0 rather than NaN.
+    """
+    scale = accelerator.num_processes / normaliser.clamp(min=EPS)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        # Gradients are all-reduced once per window, on its last micro-batch.
+        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            micro_loss = forward_loss_sum(model, batch)
+            accelerator.backward(micro_loss * scale.to(micro_loss.dtype))
+        loss_sum += micro_loss.detach().float()
+    return loss_sum
 
 
 @torch.no_grad()
@@ -123,36 +158,15 @@ def train(
                 {k: v.to(accelerator.device) for k, v in collate_fn([train_examples[i] for i in mb]).items()}
                 for mb in window
             ]
-            # counts: [summed weight (the normaliser), target tokens, non-pad tokens, pairs]
-            counts = torch.tensor(
-                [
-                    [target_weight(b) for b in batches],
-                    [(b["labels"][:, 1:] != -100).sum() for b in batches],
-                    [b["attention_mask"].sum() for b in batches],
-                    [len(b["rows"]) for b in batches],
-                ],
-                dtype=torch.float64,
-                device=accelerator.device,
-            ).sum(dim=1)
-            counts = accelerator.reduce(counts, reduction="sum")
-            # An all-masked window has a zero loss sum; the clamp keeps its gradient 0, not NaN.
-            scale = world / counts[0].clamp(min=1e-8)
-
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(batches):
-                last_micro = i == len(batches) - 1
-                # Gradients are all-reduced once per window, on its last micro-batch.
-                with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                    micro_loss = forward_loss_sum(model, batch)
-                    accelerator.backward(micro_loss * scale.to(micro_loss.dtype))
-                loss_sum += micro_loss.detach().float()
+            counts = window_counts(accelerator, batches)
+            loss_sum = backward_window(accelerator, model, batches, normaliser=counts[0])
 
             grad_norm = accelerator.clip_grad_norm_(params, clip_at)  # returns the pre-clip norm
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            loss = (accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=1e-8)).item()
+            loss = (accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)).item()
             elapsed = time.perf_counter() - started
             epoch_pos = epoch + (window_index + 1) / len(windows)
             last = {

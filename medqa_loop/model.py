@@ -7,6 +7,7 @@ keeps ``model.dtype``; only the LoRA matrices train.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +15,9 @@ from pathlib import Path
 import torch
 
 from medqa_loop.config import EMBEDDED_TOKENIZER, LoraSettings, ModelConfig
+
+# LLM.int8 multiplies in fp16 by design; bitsandbytes logs a warning on every fp32 call saying so.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -48,18 +49,28 @@ def prepare_output_dir(cfg: Config, overwrite: bool) -> Path:
     return out
 
 
-def run(cfg: Config, overwrite: bool = False) -> dict:
+@dataclass
+class Parts:
+    """Everything the loop is handed, built in the order that fails fastest."""
+
+    accelerator: object
+    tokenizer: object
+    model: object
+    optimizer: object
+    train_examples: list[dict]
+    val_examples: list[dict]
+    collate_fn: object
+    out: Path
+
+
+def build_parts(cfg: Config, overwrite: bool = False) -> Parts:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from medqa_loop import model as M
-    from medqa_loop.checkpoint import save_adapter
-    from medqa_loop.loop import train
-    from medqa_loop.metrics import MetricsLog
     from medqa_loop.optim import build_optimizer
 
     accelerator = Accelerator()
-    say = accelerator.print
     mask_fn = resolve_mask(cfg.data.mask)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -71,7 +82,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
     train_pairs, val_pairs = split_pairs(load_pairs(cfg.data), cfg.data.val_fraction, cfg.seed)
     train_set = encode_pairs(train_pairs, tokenizer, cfg.data, mask_fn)
     val_set = encode_pairs(val_pairs, tokenizer, cfg.data, mask_fn)
-    say(
+    accelerator.print(
         f"data: {len(train_pairs)} train / {len(val_pairs)} validation pairs from "
         f"{cfg.data.dataset}; {train_set.truncated + val_set.truncated} answers truncated "
         f"at {cfg.data.max_length} tokens"
@@ -93,19 +104,30 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    return Parts(
+        accelerator, tokenizer, model, optimizer, train_set.examples, val_set.examples,
+        partial(collate, pad_id=tokenizer.pad_token_id), out,
+    )
 
+
+def run(cfg: Config, overwrite: bool = False) -> dict:
+    from medqa_loop.checkpoint import save_adapter
+    from medqa_loop.loop import train
+    from medqa_loop.metrics import MetricsLog
+
+    p = build_parts(cfg, overwrite)
     last = train(
         cfg,
-        accelerator,
-        model,
-        optimizer,
-        train_set.examples,
-        val_set.examples,
-        partial(collate, pad_id=tokenizer.pad_token_id),
-        lambda name: save_adapter(accelerator, model, out / name, tokenizer),
-        MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process),
+        p.accelerator,
+        p.model,
+        p.optimizer,
+        p.train_examples,
+        p.val_examples,
+        p.collate_fn,
+        lambda name: save_adapter(p.accelerator, p.model, p.out / name, p.tokenizer),
+        MetricsLog(p.out / "metrics.jsonl", enabled=p.accelerator.is_main_process),
     )
-    say(f"done: {last}; adapter in {out / 'final'}")
+    p.accelerator.print(f"done: {last}; adapter in {p.out / 'final'}")
     return last
 
 

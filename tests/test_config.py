@@ -1,0 +1,81 @@
+"""Config: strict keys and types, overrides, and errors raised before any model is loaded."""
+
+import pytest
+
+from medqa_loop.config import Config, ConfigError, load_config
+from medqa_loop.train import main
+
+from conftest import TINY
+
+
+def test_default_is_the_original_recipe():
+    cfg = load_config()
+    assert cfg.model.name_or_path == "alecocc/mistral-7B-SFT-medqa-graph-cot"
+    assert cfg.data.dataset == "thesven/SyntheticMedicalQA-4336"
+    assert cfg.model.load_in_8bit and not cfg.model.trust_remote_code
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (16, 32, 0.1)
+    t = cfg.train
+    assert (t.micro_batch_size, t.grad_accum_steps, t.lr, t.weight_decay) == (1, 16, 1e-4, 0.01)
+    assert (t.warmup_steps, t.max_grad_norm, t.eval_every, t.epochs) == (100, 0.3, 50, 3)
+    assert load_config("configs/recipe.yaml").to_dict() | {"output_dir": None} == (
+        Config().to_dict() | {"output_dir": None}
+    )
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(TINY, ["train.lr=3e-4", "train.max_steps=7", "lora.target_modules=[q_proj]"])
+    assert cfg.train.lr == 3e-4 and cfg.train.max_steps == 7
+    assert cfg.lora.target_modules == ["q_proj"]
+    assert load_config(TINY, ["train.max_steps=null"]).train.max_steps is None
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("model.load_in_7Bit=true", ["model.load_in_7Bit", "load_in_8bit"]),  # the recipe's typo
+        ("train.grad_acum_steps=4", ["train.grad_acum_steps", "grad_accum_steps"]),
+        ("trian.lr=1", ["trian"]),
+        ("train.lr=fast", ["train.lr"]),
+        ("train.epochs=2.5", ["train.epochs"]),
+        ("train.epochs=true", ["train.epochs"]),
+        ("model.load_in_8bit=3", ["model.load_in_8bit"]),
+        ("train.lr=-1", ["train.lr", "> 0"]),
+        ("train.grad_accum_steps=0", ["train.grad_accum_steps"]),
+        ("data.val_fraction=1.5", ["data.val_fraction"]),
+        ("lora.dropout=1", ["lora.dropout"]),
+        ("data.mask=everything", ["data.mask", "completion_only"]),
+        ("model.dtype=fp8", ["model.dtype"]),
+        ("model.random_init.hiden_size=8", ["model.random_init.hiden_size"]),
+        ("train.lr.x=1", ["train.lr"]),
+        ("data.prompt_template=Q", ["data.prompt_template", "{input_text}"]),
+    ],
+)
+def test_bad_config_names_the_key(override, names):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_bad_config_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epochz.*bad\.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_bad_config_fails_before_any_model_load(monkeypatch, capsys, tmp_path):
+    """A typo must cost seconds: the entry point exits with the key named, no model touched."""
+    import medqa_loop.model as M
+
+    def boom(*a, **k):
+        raise AssertionError("model loaded despite a bad config")
+
+    for name in ("load_base", "load_tokenizer", "build_random_base", "check_model_source"):
+        monkeypatch.setattr(M, name, boom)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(TINY), "--set", f"output_dir={tmp_path}", "--set", "model.load_in_7Bit=true"])
+    assert exit_.value.code == 2
+    assert "model.load_in_7Bit" in capsys.readouterr().err

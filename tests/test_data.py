@@ -1,0 +1,151 @@
+"""Data and labels on the real Mistral tokenizer: BOS/EOS, the prompt mask, padding, bad rows."""
+
+import json
+
+import pytest
+import torch
+
+from medqa_loop.config import DataConfig
+from medqa_loop.data import (
+    DataError,
+    Pairs,
+    accumulation_windows,
+    collate,
+    encode_pairs,
+    epoch_order,
+    load_pairs,
+    split_pairs,
+    steps_per_epoch,
+)
+from medqa_loop.masking import MASKS, completion_only, full_sequence
+
+CFG = DataConfig(dataset="embedded:sample_medqa")
+
+
+def encode(tokenizer, questions, answers, **cfg):
+    pairs = Pairs("test", questions, answers, list(range(len(questions))))
+    cfg = DataConfig(**{"mask": "completion_only", **cfg})
+    return encode_pairs(pairs, tokenizer, cfg, MASKS[cfg.mask])
+
+
+def test_bos_prepended_eos_appended_and_text_round_trips(tokenizer):
+    ex = encode(tokenizer, ["What is sepsis?"], ["A dysregulated response to infection."]).examples[0]
+    ids = ex["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id == 1 and ids[-1] == tokenizer.eos_token_id == 2
+    assert ids.count(1) == 1 and ids.count(2) == 1
+    assert tokenizer.decode(ids, skip_special_tokens=True) == (
+        "### Question:\nWhat is sepsis?\n\n### Answer:\nA dysregulated response to infection."
+    )
+
+
+def test_completion_mask_zeroes_exactly_the_prompt_and_padding(tokenizer):
+    q, a = ["What is sepsis?", "Define anaemia in one line, please?"], ["Infection gone systemic.", "Low Hb."]
+    enc = encode(tokenizer, q, a)
+    batch = collate(enc.examples, pad_id=tokenizer.pad_token_id)
+    for i, (question, answer) in enumerate(zip(q, a)):
+        prompt_ids = tokenizer(CFG.prompt_template.format(input_text=question), add_special_tokens=False).input_ids
+        n_prompt = 1 + len(prompt_ids)  # BOS + prompt
+        n_real = len(enc.examples[i]["input_ids"])
+        labels, ids = batch["labels"][i], batch["input_ids"][i]
+        assert (labels[:n_prompt] == -100).all()
+        assert torch.equal(labels[n_prompt:n_real], ids[n_prompt:n_real])  # answer + EOS kept
+        assert (labels[n_real:] == -100).all() and (batch["attention_mask"][i, n_real:] == 0).all()
+        assert tokenizer.decode(ids[n_prompt:n_real], skip_special_tokens=True) == answer
+        assert batch["loss_weights"][i].tolist() == [0.0] * n_prompt + [1.0] * (n_real - n_prompt) + [0.0] * (
+            batch["input_ids"].shape[1] - n_real
+        )
+
+
+def test_full_sequence_mask_trains_on_prompt_but_never_on_padding(tokenizer):
+    enc = encode(tokenizer, ["Q one?", "A much longer question about renal failure?"], ["A.", "B."], mask="full_sequence")
+    batch = collate(enc.examples, pad_id=tokenizer.pad_token_id)
+    real = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"] != -100, real)
+    assert torch.equal(batch["labels"][real], batch["input_ids"][real])
+
+
+def test_padding_is_dynamic_not_max_length(tokenizer):
+    enc = encode(tokenizer, ["Short?", "A somewhat longer question here?"], ["Yes.", "No."], max_length=1024)
+    batch = collate(enc.examples, pad_id=tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[1] == max(len(e["input_ids"]) for e in enc.examples) < 40
+
+
+def test_long_answer_truncated_from_the_end_prompt_kept(tokenizer):
+    enc = encode(tokenizer, ["Why?"], ["word " * 500], max_length=64)
+    ex = enc.examples[0]
+    assert enc.truncated == 1 and len(ex["input_ids"]) == 64
+    assert ex["input_ids"][-1] != tokenizer.eos_token_id  # a cut answer must not teach "stop here"
+    n_prompt = 1 + len(tokenizer(CFG.prompt_template.format(input_text="Why?"), add_special_tokens=False).input_ids)
+    assert ex["labels"][:n_prompt] == [-100] * n_prompt and -100 not in ex["labels"][n_prompt:]
+
+
+def test_prompt_longer_than_max_length_names_the_row(tokenizer):
+    with pytest.raises(DataError, match=r"row 1, column 'question'.*max_length=16"):
+        encode(tokenizer, ["ok?", "very " * 40], ["a", "b"], max_length=16)
+
+
+def test_embedded_sample_loads_and_splits_deterministically():
+    pairs = load_pairs(CFG)
+    assert len(pairs) == 120 and all(q.strip() and a.strip() for q, a in zip(pairs.questions, pairs.answers))
+    train, val = split_pairs(pairs, 0.2, seed=42)
+    assert (len(train), len(val)) == (96, 24)
+    assert sorted(train.rows + val.rows) == list(range(120))
+    assert split_pairs(pairs, 0.2, seed=42)[1].rows == val.rows != split_pairs(pairs, 0.2, seed=7)[1].rows
+
+
+@pytest.mark.parametrize(
+    "row, problem",
+    [
+        ({"question": None, "response": "x"}, r"row 2, column 'question'.*NoneType"),
+        ({"question": "q", "response": "   "}, r"row 2, column 'response'.*empty"),
+        ({"question": "q", "response": 7}, r"row 2, column 'response'.*int"),
+    ],
+)
+def test_bad_rows_are_named(tmp_path, row, problem):
+    path = tmp_path / "d.jsonl"
+    good = {"question": "q?", "response": "a."}
+    path.write_text("\n".join(json.dumps(r) for r in [good, good, row, good]) + "\n")
+    with pytest.raises(DataError, match=problem) as err:
+        load_pairs(DataConfig(dataset=str(path)))
+    assert str(path) in str(err.value)
+
+
+def test_missing_column_and_missing_path_are_named(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("question,answer\nq?,a.\n")
+    with pytest.raises(DataError, match=r"missing column 'response'.*\['question', 'answer'\]"):
+        load_pairs(DataConfig(dataset=str(path)))
+    assert load_pairs(DataConfig(dataset=str(path), answer_column="answer")).answers == ["a."]
+    with pytest.raises(DataError, match="not found"):
+        load_pairs(DataConfig(dataset=str(tmp_path / "nope.parquet")))
+
+
+def test_parquet_and_saved_datasets_directory_load(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"question": ["q1?", "q2?"], "response": ["a1", "a2"]})
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
+    for spec in (tmp_path / "d.parquet", tmp_path / "saved"):
+        assert load_pairs(DataConfig(dataset=str(spec))).questions == ["q1?", "q2?"]
+
+
+def test_windows_cover_each_pair_once_and_shard_like_one_big_window():
+    order = epoch_order(37, seed=1, epoch=0)
+    assert sorted(order) == list(range(37)) and order != epoch_order(37, seed=1, epoch=1)
+    one = accumulation_windows(order, micro_batch=2, grad_accum=4)
+    assert len(one) == steps_per_epoch(37, 2, 4) == 5
+    assert sorted(i for w in one for mb in w for i in mb) == list(range(37))
+    # 2 processes x GA 2 see, per window, exactly the pairs of 1 process x GA 4.
+    ranks = [accumulation_windows(order, 2, 2, rank=r, world=2) for r in (0, 1)]
+    assert len(ranks[0]) == steps_per_epoch(37, 2, 2, world=2) == 5
+    for w, (w0, w1) in enumerate(zip(*ranks)):
+        assert sorted(i for mb in w0 + w1 for i in mb) == sorted(i for mb in one[w] for i in mb)
+
+
+def test_builtin_masks():
+    from medqa_loop.masking import MaskInput
+
+    ex = MaskInput([1, 5, 6, 7, 8, 2], prompt_len=3, row=0)
+    assert completion_only(ex) == [0, 0, 0, 1, 1, 1] and full_sequence(ex) == [1] * 6
+    assert ex.answer_span == (3, 6)

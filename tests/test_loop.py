@@ -1,0 +1,139 @@
+"""The loop on the tiny random-init Mistral, 8-bit through bitsandbytes on the CPU: real code paths."""
+
+import math
+
+import pytest
+import torch
+
+from medqa_loop.checkpoint import save_adapter
+from medqa_loop.loop import backward_window, evaluate, train, window_counts
+from medqa_loop.metrics import MetricsLog, read_metrics
+from medqa_loop.model import is_int8_linear
+from medqa_loop.train import build_parts, run
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def window_grad(parts, groups):
+    """Gradient of one window whose micro-batches are the given groups of examples."""
+    parts.model.zero_grad(set_to_none=True)
+    batches = [parts.collate_fn([parts.train_examples[i] for i in g]) for g in groups]
+    backward_window(parts.accelerator, parts.model, batches, window_counts(parts.accelerator, batches)[0])
+    return grads(parts.model)
+
+
+def rel_diff(a, b):
+    num = sum((a[k] - b[k]).pow(2).sum() for k in a)
+    return math.sqrt(num / sum(v.pow(2).sum() for v in b.values()))
+
+
+def test_base_is_int8_bitsandbytes_and_only_lora_trains(tiny_cfg):
+    parts = build_parts(tiny_cfg())
+    m = parts.model
+    targets = [mod for name, mod in m.named_modules() if name.endswith(("q_proj", "down_proj")) and hasattr(mod, "base_layer")]
+    assert len(targets) == 4  # 2 layers x (q_proj, down_proj)
+    assert all(is_int8_linear(t.base_layer) for t in targets)
+    assert not is_int8_linear(m.get_output_embeddings()) and m.get_output_embeddings().weight.dtype == torch.float32
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 2 * 7  # A and B, 2 layers, 7 projections
+
+
+@pytest.mark.parametrize(
+    "overrides, tol",
+    [
+        # The arithmetic itself: exact to fp32 rounding.
+        (["model.load_in_8bit=false"], 1e-5),
+        # Through bitsandbytes int8 (activations quantized per token, so batch shape and padding
+        # barely matter). At the default outlier threshold LLM.int8 picks its fp16 outlier
+        # columns per *batch*, so one batch and 16 micro-batches differ by ~1% there: a property
+        # of bitsandbytes, not of the accumulation.
+        (["model.llm_int8_threshold=0.0"], 3e-3),
+    ],
+)
+def test_grad_accumulation_equals_one_big_batch(tiny_cfg, overrides, tol):
+    """GA 16 x batch 1 == 1 x batch 16: the window loss is a token-level mean over the window."""
+    parts = build_parts(tiny_cfg("lora.dropout=0.0", *overrides))
+    with torch.no_grad():  # LoRA B starts at 0; give it values so every gradient is non-trivial
+        for n, p in parts.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    rows = list(range(16))
+    accumulated = window_grad(parts, [[i] for i in rows])
+    one_batch = window_grad(parts, [rows])
+    assert rel_diff(accumulated, one_batch) < tol
+    # The test can fail: a mean of micro-batch means (the naive loop) is ~15% off.
+    parts.model.zero_grad(set_to_none=True)
+    for i in rows:
+        b = parts.collate_fn([parts.train_examples[i]])
+        backward_window(parts.accelerator, parts.model, [b], window_counts(parts.accelerator, [b])[0] * 16)
+    assert rel_diff(grads(parts.model), one_batch) > 0.05
+
+
+def test_clipping_bounds_the_norm_and_logs_the_preclip_value(tiny_cfg):
+    parts = build_parts(tiny_cfg("train.max_grad_norm=0.01"))
+    window_grad(parts, [[0, 1], [2, 3]])
+    params = [p for p in parts.model.parameters() if p.requires_grad]
+    before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    returned = parts.accelerator.clip_grad_norm_(params, 0.01)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+    assert before > 0.01 and float(returned) == pytest.approx(float(before))
+    assert float(after) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg):
+    """One epoch of the real loop; the saved epoch adapter reloads through plain PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = tiny_cfg("train.epochs=1", "train.sanity_eval_batches=6", "train.eval_every=5")
+    parts = build_parts(cfg)
+    saved = []
+    last = train(
+        cfg, parts.accelerator, parts.model, parts.optimizer, parts.train_examples,
+        parts.val_examples, parts.collate_fn,
+        lambda name: saved.append(save_adapter(parts.accelerator, parts.model, parts.out / name)),
+        MetricsLog(parts.out / "metrics.jsonl"),
+    )
+    evals = [r for r in read_metrics(parts.out / "metrics.jsonl") if "eval_loss" in r]
+    steps = [r for r in read_metrics(parts.out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in evals] == [0, 5, 10, 12]  # sanity, every 5, epoch end
+    assert len(steps) == 12 == last["step"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5  # whole val split both times
+    assert evals[-1]["eval_ppl"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+    assert [p.name for p in saved] == ["epoch-1", "final"]
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in saved[0].iterdir()}
+
+    base = AutoModelForCausalLM.from_pretrained(
+        parts.out / "base",
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head"]),
+        device_map={"": "cpu"},
+    )
+    reloaded = PeftModel.from_pretrained(base, saved[0]).eval()
+    parts.model.eval()
+    batch = parts.collate_fn(parts.val_examples[:3])
+    with torch.no_grad():
+        want = parts.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(got, want)
+    assert evaluate(parts.accelerator, reloaded, parts.val_examples, parts.collate_fn, 4) == pytest.approx(
+        evals[-1]["eval_loss"], rel=1e-5
+    )
+
+
+def test_max_steps_stops_mid_epoch_and_saves_final(tiny_cfg):
+    last = run(tiny_cfg("train.max_steps=3", "train.eval_every=2"))
+    out = tiny_cfg().output_dir
+    records = read_metrics(f"{out}/metrics.jsonl")
+    assert last["step"] == 3
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2]
+    for r in records:
+        if "loss" in r:
+            assert {"step", "epoch", "loss", "lr", "grad_norm", "target_tokens"} <= r.keys()
+            assert r["target_tokens"] > 0 and r["epoch"] < 1
+    import os
+
+    assert sorted(os.listdir(out)) == ["base", "config.yaml", "final", "metrics.jsonl"]
