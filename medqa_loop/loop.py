@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from medqa_loop.config import Config
 from medqa_loop.data import accumulation_windows, epoch_order, steps_per_epoch
 from medqa_loop.losses import target_weight, weighted_loss_sum
-from medqa_loop.metrics import MetricsLog, perplexity
+from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity
 from medqa_loop.optim import lr_at
 
 Batch = dict[str, torch.Tensor]
@@ -178,7 +178,10 @@ def train(
                 "target_tokens": int(counts[1]),
                 "tokens_per_s": counts[2].item() / elapsed,
                 "samples_per_s": counts[3].item() / elapsed,
+                "step_time_s": elapsed,
             }
+            if (peak := peak_memory_gb(accelerator.device)) is not None:
+                last["peak_gb"] = peak
             log.write(**last)
             bar.update(1)
             bar.set_postfix(

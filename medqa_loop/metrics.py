@@ -24,5 +24,14 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def peak_memory_gb(device) -> float | None:
+    """Peak GPU memory allocated by this process so far (GB), None off-GPU."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 1e9
+
+
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

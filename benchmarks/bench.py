@@ -1,0 +1,148 @@
+"""End-to-end training throughput on the GPU: the original recipe (HF Trainer, reference only)
+and medqa_loop through its real entry point, side by side, on one machine in one run.
+
+  python benchmarks/bench.py --workdir /tmp/bench --steps 4 [--variants a,b,...] [--out DIR]
+
+Builds a random-init Mistral-7B (MistralConfig() defaults are the exact 7B shapes; no weights
+can be downloaded) on the GPU and saves it as safetensors, makes the synthetic SyntheticMedicalQA
+stand-in (benchmarks/synthetic.py), then runs each variant as its own process:
+`accelerate launch -m medqa_loop.train --config configs/recipe.yaml --set ...`. samples/s and
+real tokens/s are taken from metrics.jsonl over the steps after the first (start-up excluded);
+peak GB is torch.cuda.max_memory_allocated of the training process. MFU counts 4N FLOP per
+token (forward 2N + input-gradient 2N; the frozen base computes no weight gradient) against the
+H100 SXM's 989 TFLOP/s dense bf16. Appends to <out>/results.jsonl and <out>/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+N_PARAMS = 7.24e9
+PEAK_FLOPS = 989e12
+
+# name -> (quant, overrides on top of configs/recipe.yaml)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    # The recipe's settings through our loop: fp32, bitsandbytes LLM.int8, batch 1 x GA 16.
+    "medqa_loop": ("int8", []),
+    # Same LLM.int8 base, bf16 for everything not int8 and 4 pairs a micro-batch (GA 4).
+    "medqa_loop_bf16_mb4": ("int8", ["model.dtype=bfloat16", "train.micro_batch_size=4",
+                                     "train.grad_accum_steps=4"]),
+}
+
+
+def sh(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
+    print("$", shlex.join(cmd), flush=True)
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        print(log.read_text()[-4000:], flush=True)
+    return proc
+
+
+def build_base(work: Path) -> tuple[Path, Path]:
+    """Random-init Mistral-7B saved like a downloaded model, plus the real tokenizer beside it."""
+    import torch
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    base, tok_dir = work / "mistral-7b-random", ROOT / ".carry" / "tokenizer"
+    if not (base / "config.json").is_file():
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = MistralForCausalLM(MistralConfig()).to(torch.bfloat16)
+        model.save_pretrained(base)
+        AutoTokenizer.from_pretrained(tok_dir).save_pretrained(base)
+        del model
+        torch.cuda.empty_cache()
+    return base, tok_dir
+
+
+def summarize(metrics: Path) -> dict:
+    """Throughput over the logged optimizer steps after the first (which carries start-up)."""
+    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r][1:]
+    secs = sum(r["step_time_s"] for r in steps)
+    samples = sum(r["samples_per_s"] * r["step_time_s"] for r in steps)
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in steps)
+    return {
+        "samples_per_s": samples / secs,
+        "tokens_per_s": tokens / secs,
+        "peak_gb": max(r.get("peak_gb", 0.0) for r in steps),
+        "steps_timed": len(steps),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="/tmp/bench")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps per variant (first untimed)")
+    p.add_argument("--variants", default="recipe_hf_trainer," + ",".join(VARIANTS))
+    p.add_argument("--out", default=str(ROOT / "benchmarks"), help="where results.jsonl and BENCHMARKS.md go")
+    p.add_argument("--mean-tokens", type=float, default=470)
+    p.add_argument("--sigma", type=float, default=0.45)
+    a = p.parse_args()
+
+    import torch
+
+    work, out = Path(a.workdir), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name(0)
+    base, tok = build_base(work)
+    data = work / f"synthetic-{a.mean_tokens:g}-{a.sigma:g}.jsonl"
+    sh([sys.executable, "benchmarks/synthetic.py", "--tokenizer", str(tok), "--out", str(data),
+        "--mean-tokens", str(a.mean_tokens), "--sigma", str(a.sigma)], work / "synthetic.log")
+    date = datetime.date.today().isoformat()
+    rows = []
+    for name in a.variants.split(","):
+        log = work / f"{name}.log"
+        if name == "recipe_hf_trainer":
+            cmd = [sys.executable, "benchmarks/recipe_reference.py", "--model", str(base),
+                   "--tokenizer", str(tok), "--data", str(data), "--steps", str(a.steps)]
+            proc = sh(cmd, log)
+            if proc.returncode:
+                continue
+            result, quant = json.loads(log.read_text().strip().splitlines()[-1]), "int8"
+        else:
+            quant, overrides = VARIANTS[name]
+            run_dir = work / "runs" / name
+            sets = [f"output_dir={run_dir}", f"model.name_or_path={base}", f"model.tokenizer={tok}",
+                    f"data.dataset={data}", f"train.max_steps={a.steps}", "train.eval_every=100000",
+                    "train.sanity_eval_batches=0", *overrides]
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   "accelerate_config.yaml", "-m", "medqa_loop.train", "--config", "configs/recipe.yaml",
+                   "--overwrite", *[x for s in sets for x in ("--set", s)]]
+            if sh(cmd, log).returncode:
+                continue
+            result = summarize(run_dir / "metrics.jsonl")
+        tokens = result["tokens_per_s"]
+        row = {
+            "date": date, "gpu": gpu, "variant": name, "quant": quant,
+            "samples_per_s": round(result["samples_per_s"], 3),
+            "tokens_per_s": round(tokens, 1),
+            "peak_gb": round(result["peak_gb"], 2),
+            "mfu": round(tokens * 4 * N_PARAMS / PEAK_FLOPS, 4),
+            "mean_tokens": a.mean_tokens, "sigma": a.sigma, "steps_timed": result["steps_timed"],
+            "command": shlex.join(cmd).replace(str(ROOT) + "/", ""),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with (out / "results.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    with (out / "BENCHMARKS.md").open("a") as f:
+        f.write(f"\n### {date}, {gpu}: `python benchmarks/bench.py --steps {a.steps} --variants {a.variants}`\n\n")
+        f.write("| variant | quant | samples/s | real tokens/s | peak GB | MFU |\n|---|---|---|---|---|---|\n")
+        for r in rows:
+            f.write(f"| {r['variant']} | {r['quant']} | {r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} "
+                    f"| {r['peak_gb']:.1f} | {r['mfu']:.1%} |\n")
+    print("\n".join(f"{r['variant']:28s} {r['samples_per_s']:7.2f} samples/s {r['tokens_per_s']:8.0f} tok/s "
+                    f"{r['peak_gb']:6.1f} GB" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
