@@ -41,6 +41,10 @@ class ModelConfig:
     load_in_8bit: bool = True
     # LLM.int8 outlier threshold (bitsandbytes' default 6.0; 0 disables the fp16 outlier path).
     llm_int8_threshold: float = 6.0
+    # How the int8 base multiplies: "dequant" keeps bitsandbytes' int8 weights and dequantizes
+    # them per matmul (medqa_loop.quant; fast, weight-only rounding); "bnb" is bitsandbytes'
+    # LLM.int8 matmul (int8 activations too, outlier split at llm_int8_threshold).
+    int8_matmul: str = "dequant"
     # dtype of the non-quantized parts (norms, embeddings, lm_head, LoRA). The recipe ran fp32.
     dtype: str = "float32"
     gradient_checkpointing: bool = True
@@ -207,6 +211,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lo.dropout!r}")
     if not lo.target_modules:
         raise ConfigError("config key 'lora.target_modules' must name at least one module")
+    if m.int8_matmul not in ("dequant", "bnb"):
+        raise ConfigError(f"config key 'model.int8_matmul' must be dequant or bnb, got {m.int8_matmul!r}")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(
             f"config key 'model.dtype' must be float32, bfloat16 or float16, got {m.dtype!r}"

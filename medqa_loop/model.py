@@ -119,6 +119,10 @@ def load_base(cfg: ModelConfig, source: str, device: torch.device):
         trust_remote_code=cfg.trust_remote_code,
     )
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if cfg.load_in_8bit and cfg.int8_matmul == "dequant":
+        from medqa_loop.quant import use_dequant_matmul
+
+        use_dequant_matmul(model)
     return model
 
 

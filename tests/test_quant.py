@@ -1,0 +1,74 @@
+"""The dequantize-per-matmul int8 path against bitsandbytes' own output and a float64 reference."""
+
+from pathlib import Path
+
+import torch
+
+from medqa_loop.quant import DequantLinear, int8_state, use_dequant_matmul
+
+
+def int8_linear(w: torch.Tensor):
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False, threshold=6.0)
+    layer.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+    return layer.to("cpu").eval()  # quantizes on placement, like from_pretrained
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_dequant_matches_bitsandbytes_and_is_closer_to_the_weights():
+    torch.manual_seed(0)
+    w = torch.randn(96, 64) * 0.05
+    x = torch.randn(3, 7, 64)
+    layer = int8_linear(w)
+    with torch.no_grad():
+        bnb_out = layer(x)  # LLM.int8: int8 activations and weights
+        cb, scb = int8_state(layer)
+        assert cb.dtype == torch.int8 and scb.shape == (96,)
+        assert use_dequant_matmul(torch.nn.Sequential(layer)) == 1
+        ours = layer(x)
+    exact = x.double() @ w.double().T
+    assert rel(ours, bnb_out) < 2e-2  # bitsandbytes' activation rounding is the difference
+    assert rel(ours, exact) < 1e-2 and rel(ours, exact) < rel(bnb_out, exact)
+    # Weight-only int8: exactly x @ (CB * SCB/127)^T.
+    w_int8 = cb.double() * scb.double()[:, None] / 127
+    assert rel(ours, x.double() @ w_int8.T) < 1e-6
+
+
+def test_backward_gives_the_input_gradient_and_keeps_no_activation():
+    torch.manual_seed(1)
+    w = torch.randn(32, 16) * 0.1
+    layer = int8_linear(w)
+    use_dequant_matmul(torch.nn.Sequential(layer))
+    x = torch.randn(5, 16, dtype=torch.float64, requires_grad=True)
+    cb, scb = int8_state(layer)
+    assert torch.autograd.gradcheck(lambda x: DequantLinear.apply(x, cb, scb, None), (x,))
+    x32 = x.detach().float().requires_grad_()
+    y = layer(x32)
+    saved = {t.data_ptr() for t in y.grad_fn.saved_tensors}
+    assert x32.data_ptr() not in saved  # only the int8 weight and its scales are kept
+    y.sum().backward()
+    w_int8 = cb.float() * scb[:, None] / 127
+    assert torch.allclose(x32.grad, w_int8.sum(0).expand(5, 16), atol=1e-6)
+
+
+def test_tiny_model_int8_paths(tiny_cfg):
+    """Through the real loader: both paths quantize; dequant's logits sit near the float model's."""
+    from medqa_loop.model import build_random_base, is_int8_linear, load_base, load_tokenizer
+
+    cfg = tiny_cfg()
+    tok = load_tokenizer(cfg.model)
+    src = build_random_base(cfg.model, tok, Path(cfg.output_dir) / "base", 0)
+    ids = torch.tensor([tok("### Question:\nWhat is sepsis?\n\n### Answer:\nInfection").input_ids])
+    logits = {}
+    for path, over in {"float": {"load_in_8bit": False}, "dequant": {}, "bnb": {"int8_matmul": "bnb"}}.items():
+        m = load_base(type(cfg.model)(**{**cfg.model.__dict__, **over}), str(src), torch.device("cpu"))
+        if path != "float":
+            assert is_int8_linear(m.model.layers[0].mlp.down_proj)
+        with torch.no_grad():
+            logits[path] = m(input_ids=ids).logits
+    # Measured: dequant 2.8%, bnb 4.4% off the float model (a 2-layer random model, wide init).
+    assert rel(logits["dequant"], logits["float"]) < min(0.04, rel(logits["bnb"], logits["float"]))
