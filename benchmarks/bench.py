@@ -30,10 +30,20 @@ PEAK_FLOPS = 989e12
 # name -> (quant, overrides on top of configs/recipe.yaml)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     # The recipe's settings through our loop: fp32, bitsandbytes LLM.int8, batch 1 x GA 16.
-    "medqa_loop": ("int8", []),
+    "medqa_loop_recipe_settings": ("int8", ["model.dtype=float32", "model.int8_matmul=bnb", "data.batching=pad"]),
     # Same LLM.int8 base, bf16 for everything not int8 and 4 pairs a micro-batch (GA 4).
-    "medqa_loop_bf16_mb4": ("int8", ["model.dtype=bfloat16", "train.micro_batch_size=4",
-                                     "train.grad_accum_steps=4"]),
+    "medqa_loop_bf16_mb4": ("int8", ["model.dtype=bfloat16", "model.int8_matmul=bnb", "data.batching=pad",
+                                     "train.micro_batch_size=4", "train.grad_accum_steps=4"]),
+    # bitsandbytes LLM.int8 matmul with packing: what the fast int8 path replaces.
+    "medqa_loop_bnb_pack8k": ("int8", ["model.int8_matmul=bnb"]),
+    # The defaults (configs/recipe.yaml as shipped): int8 weights dequantized per matmul, bf16,
+    # 16 pairs packed into 8k-token rows, activation checkpointing.
+    "medqa_loop": ("int8", []),
+    # Length-grouped dynamic padding instead of packing (4 pairs a micro-batch x GA 4).
+    "medqa_loop_group4": ("int8", ["data.batching=group_by_length", "train.micro_batch_size=4",
+                                   "train.grad_accum_steps=4"]),
+    # Speed over memory: 4k-token rows without activation checkpointing.
+    "medqa_loop_pack4k_nogc": ("int8", ["data.pack_tokens=4096", "model.gradient_checkpointing=false"]),
 }
 
 

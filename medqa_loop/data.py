@@ -167,8 +167,31 @@ def encode_pairs(pairs: Pairs, tokenizer, cfg: DataConfig, mask_fn: MaskFn) -> E
     return Encoded(examples, truncated)
 
 
-def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example of this batch; pads get label -100 and weight 0."""
+def collate(examples: list[dict], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
+    """One micro-batch. Padded: right-pad to the longest example of this batch (pads get label
+    -100 and weight 0). Packed: concatenate the examples into one row with ``position_ids``
+    restarting at 0 for each pair; transformers then builds a block-diagonal causal mask from
+    the restarts (no attention across pairs), so each pair's loss equals its loss alone.
+    """
+    if packed:
+        def cat(key: str, first) -> list:
+            # Each pair's first label would be "predicted" from the previous pair's last token.
+            return [v for e in examples for v in [first, *e[key][1:]]]
+
+        row = {
+            "input_ids": [t for e in examples for t in e["input_ids"]],
+            "labels": cat("labels", -100),
+            "loss_weights": cat("loss_weights", 0.0),
+            "position_ids": [p for e in examples for p in range(len(e["input_ids"]))],
+        }
+        return {
+            "input_ids": torch.tensor([row["input_ids"]]),
+            "attention_mask": torch.ones(1, len(row["input_ids"]), dtype=torch.long),
+            "position_ids": torch.tensor([row["position_ids"]]),
+            "labels": torch.tensor([row["labels"]]),
+            "loss_weights": torch.tensor([row["loss_weights"]], dtype=torch.float32),
+            "rows": torch.tensor([e["row"] for e in examples]),
+        }
     width = max(len(e["input_ids"]) for e in examples)
 
     def pad(key: str, value, dtype) -> torch.Tensor:
@@ -183,6 +206,34 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         "loss_weights": pad("loss_weights", 0.0, torch.float32),
         "rows": torch.tensor([e["row"] for e in examples]),
     }
+
+
+def arrange_window(
+    window: list[list[int]], lengths: list[int], batching: str, micro_batch: int, pack_tokens: int
+) -> list[list[int]]:
+    """Regroup one window's pairs into the micro-batches actually run; the pairs never change.
+
+    ``pad``: as drawn. ``group_by_length``: sorted by length, then ``micro_batch`` at a time, so
+    pairs of similar length share a batch and little is padding. ``pack``: first-fit decreasing
+    into rows of at most ``pack_tokens`` tokens (one row per micro-batch; no padding at all).
+    """
+    pairs = [i for mb in window for i in mb]
+    if batching == "pad":
+        return window
+    if batching == "group_by_length":
+        pairs.sort(key=lambda i: lengths[i])
+        return [pairs[j : j + micro_batch] for j in range(0, len(pairs), micro_batch)]
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(pairs, key=lambda i: -lengths[i]):
+        fit = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if fit is None:
+            rows.append([i])
+            room.append(pack_tokens - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medqa_loop.config import Config
-from medqa_loop.data import accumulation_windows, epoch_order, steps_per_epoch
+from medqa_loop.data import accumulation_windows, arrange_window, epoch_order, steps_per_epoch
 from medqa_loop.losses import target_weight, weighted_loss_sum
 from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity
 from medqa_loop.optim import lr_at
@@ -39,7 +39,10 @@ EPS = 1e-8  # floor of the loss normaliser: an all-masked window must not divide
 
 def forward_loss_sum(model, batch: Batch) -> torch.Tensor:
     """Sum of weighted token losses of one batch (no normalisation: the caller divides once)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if "position_ids" in batch:  # packed: the position restarts define the attention blocks
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return weighted_loss_sum(logits, batch["labels"], batch["loss_weights"])
 
 
@@ -126,6 +129,7 @@ def train(
     per_epoch = steps_per_epoch(len(train_examples), t.micro_batch_size, t.grad_accum_steps, world)
     total_steps = per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.epochs)
     params = [p for p in model.parameters() if p.requires_grad]
+    lengths = [len(e["input_ids"]) for e in train_examples]
     # Clipping at 0 would zero every update; 0 means "don't clip" (the norm is still logged).
     clip_at = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
 
@@ -154,9 +158,12 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
+            micro_batches = arrange_window(
+                window, lengths, cfg.data.batching, t.micro_batch_size, cfg.data.pack_tokens
+            )
             batches = [
                 {k: v.to(accelerator.device) for k, v in collate_fn([train_examples[i] for i in mb]).items()}
-                for mb in window
+                for mb in micro_batches
             ]
             counts = window_counts(accelerator, batches)
             loss_sum = backward_window(accelerator, model, batches, normaliser=counts[0])

@@ -7,24 +7,36 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+
+
+CE_CHUNK = 4096  # positions per cross-entropy chunk: 4096 x 32k fp32 = 0.5 GB at a time
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy, (B, T-1), zero where the label is IGNORE_INDEX.
 
     Shifts like HF causal LMs do: logits at position t predict the label at t+1. Computed in fp32
-    whatever the logits' dtype, since bf16 log-softmax over 32k classes loses ~2 digits.
+    whatever the logits' dtype (bf16 log-softmax over 32k classes loses ~2 digits), in chunks
+    whose fp32 softmax is recomputed in backward rather than kept: an 8k-token packed row would
+    otherwise hold ~3 GB of fp32 logits, softmax and gradient at once.
     """
-    logits = logits[:, :-1].float()
     targets = labels[:, 1:]
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view_as(targets)
+    flat_logits = logits[:, :-1].reshape(-1, logits.size(-1))
+    flat_targets = targets.reshape(-1)
+    chunks = [
+        checkpoint(_cross_entropy, flat_logits[i : i + CE_CHUNK], flat_targets[i : i + CE_CHUNK], use_reentrant=False)
+        if torch.is_grad_enabled()
+        else _cross_entropy(flat_logits[i : i + CE_CHUNK], flat_targets[i : i + CE_CHUNK])
+        for i in range(0, flat_targets.numel(), CE_CHUNK)
+    ]
+    return torch.cat(chunks).view_as(targets)
 
 
 def weighted_loss_sum(

@@ -106,7 +106,7 @@ def build_parts(cfg: Config, overwrite: bool = False) -> Parts:
     model, optimizer = accelerator.prepare(model, optimizer)
     return Parts(
         accelerator, tokenizer, model, optimizer, train_set.examples, val_set.examples,
-        partial(collate, pad_id=tokenizer.pad_token_id), out,
+        partial(collate, pad_id=tokenizer.pad_token_id, packed=cfg.data.batching == "pack"), out,
     )
 
 

@@ -1,0 +1,111 @@
+"""Peak memory and samples/s against tokens per micro-batch, with and without activation
+checkpointing, for picking settings on a smaller GPU. One process loads the 7B base once (the
+same build_parts as the entry point) and runs real optimizer windows at each setting.
+
+  python benchmarks/sweep.py --base DIR --tokenizer DIR --data FILE --out DIR [--tokens 2048,4096,8192,16384]
+
+Writes sweep.jsonl and sweep.png (two panels: peak GB, samples/s) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from medqa_loop.config import load_config
+from medqa_loop.data import accumulation_windows, arrange_window, epoch_order
+from medqa_loop.loop import backward_window, window_counts
+from medqa_loop.train import build_parts
+
+
+def set_checkpointing(model, on: bool) -> None:
+    base = model.get_base_model()
+    if on:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokens", default="2048,4096,8192,16384")
+    p.add_argument("--windows", type=int, default=3, help="timed windows per setting (+1 warm-up)")
+    a = p.parse_args()
+    out = Path(a.out)
+    cfg = load_config("configs/recipe.yaml", [
+        f"output_dir={out / 'sweep-run'}", f"model.name_or_path={a.base}", f"model.tokenizer={a.tokenizer}",
+        f"data.dataset={a.data}", "data.pack_tokens=16384",
+    ])
+    parts = build_parts(cfg, overwrite=True)
+    acc, model = parts.accelerator, parts.model
+    lengths = [len(e["input_ids"]) for e in parts.train_examples]
+    windows = accumulation_windows(epoch_order(len(lengths), cfg.seed, 0), 1, 16)
+    rows = []
+    for gc in (True, False):
+        set_checkpointing(model, gc)
+        for budget in map(int, a.tokens.split(",")):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            secs, pairs, tokens = 0.0, 0, 0
+            try:
+                for w, window in enumerate(windows[: a.windows + 1]):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    mbs = arrange_window(window, lengths, "pack", 1, budget)
+                    batches = [{k: v.cuda() for k, v in parts.collate_fn([parts.train_examples[i] for i in mb]).items()} for mb in mbs]
+                    counts = window_counts(acc, batches)
+                    backward_window(acc, model, batches, counts[0])
+                    acc.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 0.3)
+                    parts.optimizer.step()
+                    parts.optimizer.zero_grad(set_to_none=True)
+                    torch.cuda.synchronize()
+                    if w:  # the first window warms up kernels and the allocator
+                        secs += time.perf_counter() - t0
+                        pairs += int(counts[3])
+                        tokens += int(counts[2])
+                row = {"tokens_per_micro_batch": budget, "checkpointing": gc, "samples_per_s": pairs / secs,
+                       "tokens_per_s": tokens / secs, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+            except torch.OutOfMemoryError:
+                parts.optimizer.zero_grad(set_to_none=True)
+                row = {"tokens_per_micro_batch": budget, "checkpointing": gc, "oom": True}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot(rows, out / "sweep.png", torch.cuda.get_device_name(0))
+
+
+def plot(rows: list[dict], path: Path, gpu: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4))
+    for gc, style in ((True, "o-"), (False, "s--")):
+        ok = [r for r in rows if r["checkpointing"] == gc and not r.get("oom")]
+        label = "checkpointing" if gc else "no checkpointing"
+        mem.plot([r["tokens_per_micro_batch"] for r in ok], [r["peak_gb"] for r in ok], style, label=label)
+        speed.plot([r["tokens_per_micro_batch"] for r in ok], [r["samples_per_s"] for r in ok], style, label=label)
+    for gb in (16, 24):
+        mem.axhline(gb, color="grey", lw=0.8, ls=":")
+    for ax, title in ((mem, "peak GPU memory (GB)"), (speed, "samples/s (16 pairs a step)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per micro-batch (packed row)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Mistral-7B, int8 base (dequant path), bf16, LoRA r16 x7 — {gpu}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Packing: a packed row's per-pair losses equal the pairs' losses alone; pairs don't interact."""
+
+import pytest
+import torch
+
+from medqa_loop.data import arrange_window, collate
+from medqa_loop.losses import token_losses
+from medqa_loop.train import build_parts
+
+
+def per_pair_losses(model, batch, sizes):
+    """Summed token loss of each pair of a packed row (segments of the shifted loss vector)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    losses = token_losses(logits, batch["labels"])[0] * batch["loss_weights"][0, 1:]
+    out, start = [], 0
+    for n in sizes:
+        out.append(losses[max(start - 1, 0) : start + n - 1].sum())
+        start += n
+    return torch.stack(out)
+
+
+def alone(model, ex):
+    b = collate([ex], pad_id=2)
+    with torch.no_grad():
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    return (token_losses(logits, b["labels"]) * b["loss_weights"][:, 1:]).sum()
+
+
+@pytest.mark.parametrize("overrides", [["model.load_in_8bit=false"], []])
+def test_packed_row_equals_pairs_alone_and_pairs_do_not_interact(tiny_cfg, overrides):
+    parts = build_parts(tiny_cfg("data.mask=full_sequence", *overrides))
+    model = parts.model.eval()
+    exs = parts.train_examples[:4]
+    sizes = [len(e["input_ids"]) for e in exs]
+    packed = collate(exs, pad_id=2, packed=True)
+    assert packed["input_ids"].shape == (1, sum(sizes))
+    got = per_pair_losses(model, packed, sizes)
+    want = torch.stack([alone(model, e) for e in exs])
+    assert torch.allclose(got, want, rtol=1e-5)
+    # Scramble pair 1's tokens: the other pairs' losses do not move at all.
+    scrambled = dict(exs[1], input_ids=exs[1]["input_ids"][:1] + exs[1]["input_ids"][:0:-1])
+    moved = per_pair_losses(model, collate([exs[0], scrambled, *exs[2:]], pad_id=2, packed=True), sizes)
+    assert not torch.allclose(moved[1], got[1])
+    assert torch.allclose(moved[[0, 2, 3]], got[[0, 2, 3]], rtol=1e-6)
+
+
+def test_packed_row_masks_each_pairs_first_label():
+    exs = [
+        {"input_ids": [1, 5, 6, 2], "labels": [1, 5, 6, 2], "loss_weights": [1.0] * 4, "row": 7},
+        {"input_ids": [1, 8, 2], "labels": [1, 8, 2], "loss_weights": [1.0] * 3, "row": 9},
+    ]
+    b = collate(exs, pad_id=2, packed=True)
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert b["labels"].tolist() == [[-100, 5, 6, 2, -100, 8, 2]]  # never predict BOS from EOS
+    assert b["loss_weights"].tolist() == [[0.0, 1, 1, 1, 0.0, 1, 1]] and b["rows"].tolist() == [7, 9]
+
+
+def test_arrange_window_keeps_the_pairs_and_respects_the_budget():
+    lengths = [500, 300, 900, 120, 700, 260, 1000, 80]
+    window = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert arrange_window(window, lengths, "pad", 2, 2048) == window
+    grouped = arrange_window(window, lengths, "group_by_length", 2, 2048)
+    assert grouped == [[7, 3], [5, 1], [0, 4], [2, 6]]
+    rows = arrange_window(window, lengths, "pack", 2, 2048)
+    assert sorted(i for r in rows for i in r) == list(range(8))
+    assert all(sum(lengths[i] for i in r) <= 2048 for r in rows)
+    assert len(rows) == 2  # 3,860 tokens: first-fit decreasing needs the minimum, 2 rows
+
+
+def test_chunked_cross_entropy_matches_the_plain_one(monkeypatch):
+    import medqa_loop.losses as L
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 11, 50, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 11))
+    labels[0, :4] = -100
+    weights = (labels != -100).float()
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    monkeypatch.setattr(L, "CE_CHUNK", 3)  # 20 positions -> 7 chunks, the last one short
+    got = L.weighted_loss_sum(logits, labels, weights)
+    (grad,) = torch.autograd.grad(got, logits)
+    assert torch.allclose(got, ref, rtol=1e-6) and torch.allclose(grad.float(), ref_grad.float(), rtol=1e-2, atol=1e-4)
