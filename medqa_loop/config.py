@@ -49,6 +49,9 @@ class ModelConfig:
     # The recipe ran fp32; bf16 halves activation memory and matmul time (LoRA weights stay fp32).
     dtype: str = "bfloat16"
     gradient_checkpointing: bool = True
+    # transformers attention kernel: "sdpa" (PyTorch's fused attention), "eager", or
+    # "flex_attention" (compiled; skips the masked blocks of packed rows).
+    attn_implementation: str = "sdpa"
     # Mistral is native to transformers: running code from the hub is opt-in only.
     trust_remote_code: bool = False
 
@@ -230,6 +233,11 @@ def _validate(cfg: Config) -> None:
         )
     if m.int8_matmul not in ("dequant", "bnb"):
         raise ConfigError(f"config key 'model.int8_matmul' must be dequant or bnb, got {m.int8_matmul!r}")
+    if m.attn_implementation not in ("sdpa", "eager", "flex_attention"):
+        raise ConfigError(
+            "config key 'model.attn_implementation' must be sdpa, eager or flex_attention, "
+            f"got {m.attn_implementation!r}"
+        )
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(
             f"config key 'model.dtype' must be float32, bfloat16 or float16, got {m.dtype!r}"

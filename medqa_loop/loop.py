@@ -54,7 +54,7 @@ def window_counts(accelerator, batches: list[Batch]) -> torch.Tensor:
             [float(target_weight(b)) for b in batches],
             [float((b["labels"][:, 1:] != -100).sum()) for b in batches],
             [float(b["attention_mask"].sum()) for b in batches],
-            [float(len(b["input_ids"])) for b in batches],
+            [float(len(b["rows"])) for b in batches],  # pairs, not rows: a packed row holds many
         ],
         dtype=torch.float64,
         device=accelerator.device,

@@ -114,6 +114,7 @@ def load_base(cfg: ModelConfig, source: str, device: torch.device):
         source,
         quantization_config=quant,
         dtype=DTYPES[cfg.dtype],
+        attn_implementation=cfg.attn_implementation,
         # 8-bit weights are quantized as they are placed, so the placement must be given here.
         device_map={"": device},
         trust_remote_code=cfg.trust_remote_code,
