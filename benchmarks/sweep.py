@@ -46,6 +46,7 @@ def main() -> None:
     ])
     parts = build_parts(cfg, overwrite=True)
     acc, model = parts.accelerator, parts.model
+    model.train()  # from_pretrained returns eval mode, where HF skips activation checkpointing
     lengths = [len(e["input_ids"]) for e in parts.train_examples]
     windows = accumulation_windows(epoch_order(len(lengths), cfg.seed, 0), 1, 16)
     rows = []
