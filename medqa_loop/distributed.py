@@ -31,9 +31,9 @@ def check_processes(accelerator, environ=os.environ) -> str:
     if launched != accelerator.num_processes:
         raise LaunchError(
             f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate "
-            f"runs this one alone ({accelerator.distributed_type.value}): each would train on its own "
-            "and write the same files. No GPU visible? To run several processes on the CPU, set "
-            "ACCELERATE_USE_CPU=1 (README, 'Several GPUs')."
+            f"runs this one alone ({accelerator.distributed_type.value}): each would train on its "
+            "own and write the same files. No GPU visible? To run several processes on the CPU, "
+            "set ACCELERATE_USE_CPU=1 (README, 'Several GPUs')."
         )
     backend = accelerator.state.backend  # None for a single process
     return (

@@ -46,7 +46,10 @@ def launch_two_cpu_processes(*args: str, timeout: int = 400) -> subprocess.Compl
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-            p.kill()
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         out, err = proc.communicate()
         pytest.fail(f"2-process run hung for {timeout}s (collectives out of step?):\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
@@ -62,8 +65,9 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_cfg, tmp_
     Both runs put the same pairs in the same micro-batches (rank r takes micro-batches r, r+2, ...
     of each window), so every forward, bitsandbytes' per-batch outlier split included, is the
     same; only the order in which micro-batch gradients are summed differs (DDP's all-reduce vs
-    local accumulation): fp32 rounding, ~1e-6 relative over 4 AdamW steps. A normaliser that
-    is not summed over processes, or a lost or doubled micro-batch, is off by percents.
+    local accumulation): fp32 rounding, measured ~1e-6 relative on the adapter and <1e-6 on the
+    losses after 4 AdamW steps; both are checked at 1e-5. A normaliser that is not summed over
+    processes, or a lost or doubled micro-batch, is off by percents (the step-1 loss by 3%).
     """
     world_windows = [accumulation_windows(epoch_order(33, 42, 0), 2, 4, rank=r, world=2) for r in (0, 1)]
     assert len(world_windows[0][-1]) == 1 and world_windows[1][-1] == []  # the case under test
@@ -72,7 +76,7 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_cfg, tmp_
     overrides = [f"output_dir={ddp_dir}", *SHARED]
     proc = launch_two_cpu_processes("--config", str(TINY), *(a for o in overrides for a in ("--set", o)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "processes: 2 (MULTI_CPU, gloo)" in proc.stdout
+    assert "processes: 2 (MULTI_CPU, gloo)" in proc.stdout and "33 train / 9 validation" in proc.stdout
     assert proc.stdout.count("done:") == 1 and proc.stderr.count(" 0/4 [") == 1  # main prints, one bar
 
     run(tiny_cfg(*SHARED, "train.grad_accum_steps=8"))
@@ -85,7 +89,7 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_cfg, tmp_
     for d, o in zip(ddp, one):
         for name in ("loss", "eval_loss"):
             if name in o:
-                assert d[name] == pytest.approx(o[name], rel=1e-6), (d, o)
+                assert d[name] == pytest.approx(o[name], rel=1e-5), (d, o)
         if "target_tokens" in o:
             assert d["target_tokens"] == o["target_tokens"]
 
