@@ -254,7 +254,8 @@ def accumulation_windows(
     A window is ``grad_accum * world`` consecutive micro-batches; rank r takes micro-batches
     r, r+world, ... of it, so N processes x GA g see exactly the pairs one process x GA N*g
     sees. The last window of an epoch may be short (it still makes an optimizer step, with its
-    loss normalised by its own token count); no pair is dropped or duplicated.
+    loss normalised by its own token count); no pair is dropped or duplicated. In a short last
+    window a rank may get no micro-batch (the loop then gives it a zero-weight stand-in).
     """
     batches = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
     span = grad_accum * world

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from medqa_loop.config import Config
 from medqa_loop.data import accumulation_windows, arrange_window, epoch_order, steps_per_epoch
+from medqa_loop.distributed import zero_weight_batch
 from medqa_loop.losses import target_weight, weighted_loss_sum
 from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity
 from medqa_loop.optim import lr_at
@@ -98,6 +99,9 @@ def evaluate(
         examples = examples[: max_batches * batch_size]
     mine = examples[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(2, device=accelerator.device)
+    # The bare model, not the DDP wrapper: a DDP forward may broadcast buffers (a collective),
+    # and processes run different numbers of batches here, some none at all.
+    model = accelerator.unwrap_model(model)
     model.eval()  # dropout off
     try:
         for i in range(0, len(mine), batch_size):
@@ -166,6 +170,8 @@ def train(
                 for mb in micro_batches
             ]
             counts = window_counts(accelerator, batches)
+            if not batches:  # no share of an epoch's short last window; it must still join DDP
+                batches = [zero_weight_batch(train_examples[0], collate_fn, accelerator.device)]
             loss_sum = backward_window(accelerator, model, batches, normaliser=counts[0])
 
             grad_norm = accelerator.clip_grad_norm_(params, clip_at)  # returns the pre-clip norm

@@ -68,9 +68,11 @@ def build_parts(cfg: Config, overwrite: bool = False) -> Parts:
     from accelerate.utils import set_seed
 
     from medqa_loop import model as M
+    from medqa_loop.distributed import check_processes
     from medqa_loop.optim import build_optimizer
 
     accelerator = Accelerator()
+    accelerator.print(check_processes(accelerator))
     mask_fn = resolve_mask(cfg.data.mask)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
