@@ -11,7 +11,8 @@ One optimizer step = one accumulation window of ``grad_accum_steps`` micro-batch
      however the tokens fall into micro-batches and processes. A mean of micro-batch means
      would over-weight short answers.
   4. clip (the pre-clip norm is logged), optimizer step, zero_grad
-  5. log; every ``eval_every`` steps evaluate; at each epoch end evaluate and save the adapter
+  5. log; every ``eval_every`` steps evaluate (then sample answers, if given); at each epoch end
+     evaluate and save the adapter
 
 We do not use ``accelerator.accumulate``: it decides when to sync from its own micro-step
 counter, which drifts from ours on a short last window. ``no_sync`` on all but the last
