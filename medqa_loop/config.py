@@ -106,6 +106,11 @@ class TrainConfig:
     eval_batch_size: int = 4
     # Batches of the 2-batch sanity eval run before the first step (0 disables it).
     sanity_eval_batches: int = 2
+    # After each evaluation, answer the first N validation questions greedily and append
+    # (step, question, reference, generated) to <output_dir>/samples.jsonl; 0 = off.
+    sample_questions: int = 0
+    # Length cap of those answers, in tokens.
+    sample_max_new_tokens: int = 128
 
 
 @dataclass
@@ -196,6 +201,7 @@ def _validate(cfg: Config) -> None:
         "lora.r": lo.r,
         "lora.alpha": lo.alpha,
         "train.lr": t.lr,
+        "train.sample_max_new_tokens": t.sample_max_new_tokens,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -212,6 +218,7 @@ def _validate(cfg: Config) -> None:
         "train.warmup_steps": t.warmup_steps,
         "train.max_grad_norm": t.max_grad_norm,
         "train.sanity_eval_batches": t.sanity_eval_batches,
+        "train.sample_questions": t.sample_questions,
         "model.llm_int8_threshold": m.llm_int8_threshold,
     }.items():
         if value < 0:

@@ -92,14 +92,19 @@ def load_pairs(cfg: DataConfig) -> Pairs:
     questions, answers = ds[cfg.question_column], ds[cfg.answer_column]
     for row, (q, a) in enumerate(zip(questions, answers)):
         for column, text in ((cfg.question_column, q), (cfg.answer_column, a)):
-            if not isinstance(text, str):
-                raise DataError(
-                    f"dataset {cfg.dataset}: row {row}, column {column!r}: "
-                    f"expected text, got {type(text).__name__} {text!r:.40}"
-                )
-            if not text.strip():
-                raise DataError(f"dataset {cfg.dataset}: row {row}, column {column!r}: empty text")
+            check_text(cfg.dataset, row, column, text)
     return Pairs(cfg.dataset, list(questions), list(answers), list(range(len(questions))))
+
+
+def check_text(source: str, row: int, column: str, text) -> None:
+    """A cell must be non-blank text; the error names the source, row and column."""
+    if not isinstance(text, str):
+        raise DataError(
+            f"dataset {source}: row {row}, column {column!r}: "
+            f"expected text, got {type(text).__name__} {text!r:.40}"
+        )
+    if not text.strip():
+        raise DataError(f"dataset {source}: row {row}, column {column!r}: empty text")
 
 
 def split_pairs(pairs: Pairs, val_fraction: float, seed: int) -> tuple[Pairs, Pairs]:
@@ -127,6 +132,24 @@ def split_pairs(pairs: Pairs, val_fraction: float, seed: int) -> tuple[Pairs, Pa
 # Tokenization and labels
 
 
+def format_prompt(question: str, template: str) -> str:
+    """The text before the answer: the same in training (encode_pairs) and at inference
+    (medqa_loop.generate), so a fine-tuned model is asked exactly what it was trained on."""
+    return template.format(input_text=question)
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """``[BOS]``, added explicitly: the bare sentencepiece tokenizer does not add it itself."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def encode_prompt(tokenizer, question: str, template: str) -> list[int]:
+    """BOS + prompt tokens: what generation starts from. Equal to the first ``prompt_len``
+    tokens encode_pairs gives the same question (tests/test_generate.py checks it)."""
+    text = format_prompt(question, template)
+    return bos_prefix(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 @dataclass
 class Encoded:
     examples: list[dict]  # input_ids, labels, loss_weights, row (lists; unpadded)
@@ -143,11 +166,11 @@ def encode_pairs(pairs: Pairs, tokenizer, cfg: DataConfig, mask_fn: MaskFn) -> E
     A pair longer than ``max_length`` loses the end of its answer (and its EOS, since it did not
     end there); a prompt that leaves no room for the answer is an error naming the row.
     """
-    prompts = [cfg.prompt_template.format(input_text=q) for q in pairs.questions]
+    prompts = [format_prompt(q, cfg.prompt_template) for q in pairs.questions]
     texts = [p + a for p, a in zip(prompts, pairs.answers)]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    head = [bos] if bos is not None else []
+    eos = tokenizer.eos_token_id
+    head = bos_prefix(tokenizer)
     examples, truncated = [], 0
     for prompt, ids, offsets, row in zip(prompts, enc["input_ids"], enc["offset_mapping"], pairs.rows):
         prompt_len = len(head) + sum(1 for start, _ in offsets if start < len(prompt))

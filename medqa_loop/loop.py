@@ -11,7 +11,8 @@ One optimizer step = one accumulation window of ``grad_accum_steps`` micro-batch
      however the tokens fall into micro-batches and processes. A mean of micro-batch means
      would over-weight short answers.
   4. clip (the pre-clip norm is logged), optimizer step, zero_grad
-  5. log; every ``eval_every`` steps evaluate; at each epoch end evaluate and save the adapter
+  5. log; every ``eval_every`` steps evaluate (then sample answers, if given); at each epoch end
+     evaluate and save the adapter
 
 We do not use ``accelerator.accumulate``: it decides when to sync from its own micro-step
 counter, which drifts from ours on a short last window. ``no_sync`` on all but the last
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,7 +32,7 @@ from tqdm.auto import tqdm
 from medqa_loop.config import Config
 from medqa_loop.data import accumulation_windows, arrange_window, epoch_order, steps_per_epoch
 from medqa_loop.distributed import zero_weight_batch
-from medqa_loop.losses import target_weight, weighted_loss_sum
+from medqa_loop.losses import target_weight, token_accuracy_counts, weighted_loss_sum
 from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity
 from medqa_loop.optim import lr_at
 
@@ -81,6 +83,12 @@ def backward_window(accelerator, model, batches: list[Batch], normaliser: torch.
     return loss_sum
 
 
+@dataclass
+class EvalResult:
+    loss: float  # summed token loss / summed weight
+    token_acc: float  # fraction of target tokens whose shifted argmax is the label
+
+
 @torch.no_grad()
 def evaluate(
     accelerator,
@@ -89,8 +97,9 @@ def evaluate(
     collate_fn: Callable[[list[dict]], Batch],
     batch_size: int,
     max_batches: int | None = None,
-) -> float:
-    """Validation loss: summed token loss / summed weight over the whole (capped) split.
+) -> EvalResult:
+    """Validation loss (summed token loss / summed weight) and token accuracy over the whole
+    (capped) split.
 
     Each process takes every world-th example and the sums are reduced, so every example counts
     exactly once however many processes run. The model goes back to train mode even on error.
@@ -98,7 +107,7 @@ def evaluate(
     if max_batches is not None:
         examples = examples[: max_batches * batch_size]
     mine = examples[accelerator.process_index :: accelerator.num_processes]
-    totals = torch.zeros(2, device=accelerator.device)
+    totals = torch.zeros(4, device=accelerator.device)  # loss sum, weight, correct, counted
     # The bare model, not the DDP wrapper: a DDP forward may broadcast buffers (a collective),
     # and processes run different numbers of batches here, some none at all.
     model = accelerator.unwrap_model(model)
@@ -106,14 +115,18 @@ def evaluate(
     try:
         for i in range(0, len(mine), batch_size):
             batch = {k: v.to(accelerator.device) for k, v in collate_fn(mine[i : i + batch_size]).items()}
-            totals[0] += forward_loss_sum(model, batch).float()
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            totals[0] += weighted_loss_sum(logits, batch["labels"], batch["loss_weights"]).float()
             totals[1] += target_weight(batch)
+            correct, counted = token_accuracy_counts(logits, batch["labels"], batch["loss_weights"])
+            totals[2] += correct
+            totals[3] += counted
     finally:
         model.train()
     totals = accelerator.reduce(totals, reduction="sum")
     if totals[1] <= 0:
         raise ValueError("the validation split has no target tokens to evaluate on")
-    return (totals[0] / totals[1]).item()
+    return EvalResult(loss=(totals[0] / totals[1]).item(), token_acc=(totals[2] / totals[3]).item())
 
 
 def train(
@@ -126,8 +139,12 @@ def train(
     collate_fn: Callable[[list[dict]], Batch],
     save_checkpoint: Callable[[str], object],
     log: MetricsLog,
+    sample_answers: Callable[[int], object] | None = None,
 ) -> dict:
-    """Run the configured epochs (or ``train.max_steps``); return the last logged values."""
+    """Run the configured epochs (or ``train.max_steps``); return the last logged values.
+
+    ``sample_answers(step)``, when given, runs after each evaluation (see medqa_loop.generate).
+    """
     t = cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
     per_epoch = steps_per_epoch(len(train_examples), t.micro_batch_size, t.grad_accum_steps, world)
@@ -138,9 +155,14 @@ def train(
     clip_at = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
 
     def run_eval(step: int, epoch: float, max_batches: int | None = t.eval_max_batches) -> float:
-        loss = evaluate(accelerator, model, val_examples, collate_fn, t.eval_batch_size, max_batches)
-        log.write(step=step, epoch=round(epoch, 4), eval_loss=loss, eval_ppl=perplexity(loss))
-        return loss
+        r = evaluate(accelerator, model, val_examples, collate_fn, t.eval_batch_size, max_batches)
+        log.write(
+            step=step, epoch=round(epoch, 4), eval_loss=r.loss, eval_ppl=perplexity(r.loss),
+            eval_token_acc=r.token_acc,
+        )
+        if sample_answers is not None:
+            sample_answers(step)
+        return r.loss
 
     # A short eval before the first step: a broken eval path or a NaN model fails in seconds,
     # not after the first eval_every steps; it also records the starting loss.

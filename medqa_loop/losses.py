@@ -49,3 +49,17 @@ def weighted_loss_sum(
 def target_weight(batch: dict) -> torch.Tensor:
     """The normaliser this batch contributes: the sum of the weights of its predicted labels."""
     return batch["loss_weights"][:, 1:].sum()
+
+
+def token_accuracy_counts(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, counted): target tokens (weight > 0) whose shifted argmax equals the label.
+
+    Shifted like token_losses. Unweighted: each counted token is right or wrong, so the ratio is
+    a plain "fraction of answer tokens the model would have produced greedily given the truth".
+    """
+    targets = labels[:, 1:]
+    counted = (targets != IGNORE_INDEX) & (weights[:, 1:] > 0)
+    correct = (logits[:, :-1].argmax(dim=-1) == targets) & counted
+    return correct.sum(), counted.sum()

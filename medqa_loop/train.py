@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from medqa_loop.config import Config, ConfigError, load_config
-from medqa_loop.data import DataError, collate, encode_pairs, load_pairs, split_pairs
+from medqa_loop.data import DataError, Pairs, collate, encode_pairs, load_pairs, split_pairs
 from medqa_loop.masking import resolve_mask
 from medqa_loop.model import ModelLoadError
 
@@ -61,6 +61,7 @@ class Parts:
     val_examples: list[dict]
     collate_fn: object
     out: Path
+    val_pairs: Pairs  # the texts behind val_examples (questions and references to sample)
 
 
 def build_parts(cfg: Config, overwrite: bool = False) -> Parts:
@@ -109,11 +110,13 @@ def build_parts(cfg: Config, overwrite: bool = False) -> Parts:
     return Parts(
         accelerator, tokenizer, model, optimizer, train_set.examples, val_set.examples,
         partial(collate, pad_id=tokenizer.pad_token_id, packed=cfg.data.batching == "pack"), out,
+        val_pairs,
     )
 
 
 def run(cfg: Config, overwrite: bool = False) -> dict:
     from medqa_loop.checkpoint import save_adapter
+    from medqa_loop.generate import eval_sampler
     from medqa_loop.loop import train
     from medqa_loop.metrics import MetricsLog
 
@@ -128,6 +131,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         p.collate_fn,
         lambda name: save_adapter(p.accelerator, p.model, p.out / name, p.tokenizer),
         MetricsLog(p.out / "metrics.jsonl", enabled=p.accelerator.is_main_process),
+        eval_sampler(cfg, p.accelerator, p.model, p.tokenizer, p.val_pairs, p.out / "samples.jsonl"),
     )
     p.accelerator.print(f"done: {last}; adapter in {p.out / 'final'}")
     return last

@@ -28,3 +28,19 @@ def tokenizer():
     from medqa_loop.model import load_tokenizer
 
     return load_tokenizer(ModelConfig(tokenizer="mistral-common"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A short tiny run through the real entry point, shared by the generate and export tests:
+    4 optimizer steps, evaluations at steps 0, 2 and 4, each sampling 2 validation answers."""
+    from medqa_loop.config import load_config
+    from medqa_loop.train import run
+
+    cfg = load_config(TINY, [
+        f"output_dir={tmp_path_factory.mktemp('trained') / 'run'}",
+        "train.max_steps=4", "train.eval_every=2", "train.eval_max_batches=2",
+        "train.sanity_eval_batches=1", "train.sample_questions=2", "train.sample_max_new_tokens=12",
+    ])
+    run(cfg)
+    return cfg

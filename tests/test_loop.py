@@ -104,6 +104,7 @@ def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg):
     assert len(steps) == 12 == last["step"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5  # whole val split both times
     assert evals[-1]["eval_ppl"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+    assert 0.0 <= evals[0]["eval_token_acc"] < evals[-1]["eval_token_acc"] <= 1.0  # it learnt tokens
     assert [p.name for p in saved] == ["epoch-1", "final"]
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in saved[0].iterdir()}
 
@@ -116,9 +117,9 @@ def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg):
         want = parts.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(got, want)
-    assert evaluate(parts.accelerator, reloaded, parts.val_examples, parts.collate_fn, 4) == pytest.approx(
-        evals[-1]["eval_loss"], rel=1e-5
-    )
+    result = evaluate(parts.accelerator, reloaded, parts.val_examples, parts.collate_fn, 4)
+    assert result.loss == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
+    assert result.token_acc == pytest.approx(evals[-1]["eval_token_acc"], rel=1e-6)
 
 
 def test_max_steps_stops_mid_epoch_and_saves_final(tiny_cfg):
@@ -134,4 +135,4 @@ def test_max_steps_stops_mid_epoch_and_saves_final(tiny_cfg):
             assert r["target_tokens"] > 0 and r["epoch"] < 1
     import os
 
-    assert sorted(os.listdir(out)) == ["base", "config.yaml", "final", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["base", "config.yaml", "final", "metrics.jsonl", "samples.jsonl"]

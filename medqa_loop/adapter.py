@@ -1,0 +1,124 @@
+"""A saved adapter and what it needs: the base it belongs to, its run's settings, its tokenizer.
+
+Shared by medqa_loop.generate and medqa_loop.export. An adapter directory written by the loop
+(``<output_dir>/epoch-<n>`` or ``final``) sits next to the run's ``config.yaml``; from there we
+take the prompt template and the base's loading settings (8-bit, dtype, outlier threshold), so the
+adapter is used exactly as it was trained. Any PEFT LoRA directory works too, with the defaults.
+
+Everything that can be wrong (missing directory, no weights, an adapter made for another base)
+is checked from configs and tensor *shapes* only, before a single base weight is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medqa_loop.config import Config, ModelConfig, load_config
+from medqa_loop.model import check_model_source, load_base, load_tokenizer
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT's prefix of every saved adapter tensor name
+
+
+class AdapterError(ValueError):
+    """The adapter directory is missing, incomplete, or does not fit the base. Names the paths."""
+
+
+@dataclass
+class AdapterSource:
+    path: Path
+    base: str  # where the base is loaded from
+    recorded_base: str | None  # adapter_config.json's base_model_name_or_path
+    run: Config  # the run's config.yaml, or the defaults when the adapter has none beside it
+
+
+def resolve_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
+    """Check the directory and work out its base: ``base`` if given; else the random-init base
+    the run built (``<run>/base``); else the base named in ``adapter_config.json``."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise AdapterError(f"adapter directory not found: {path}")
+    if not (path / "adapter_config.json").is_file():
+        raise AdapterError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise AdapterError(f"{path} has no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
+    recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    run_file = path.parent / "config.yaml"
+    run = load_config(run_file) if run_file.is_file() else Config()
+    if base is None:
+        if run_file.is_file() and run.model.random_init is not None:
+            # train.py built this base under the run directory; the recorded path is relative
+            # to wherever training was launched from, this one is not.
+            base = str(path.parent / "base")
+        elif recorded:
+            base = recorded
+        else:
+            raise AdapterError(f"{path}/adapter_config.json names no base model; pass --base")
+    return AdapterSource(path, base, recorded, run)
+
+
+def check_adapter_fits(src: AdapterSource) -> None:
+    """Raise AdapterError, naming both, when the adapter's LoRA shapes don't fit the base.
+
+    The base is built on the meta device from its config alone (no weights, no memory), and each
+    LoRA pair's shapes are read from the safetensors header: A is (r, in), B is (out, r). Without
+    this, a mismatch surfaces as a torch size-mismatch traceback deep inside PEFT.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = src.run.model.trust_remote_code
+    check_model_source(src.base, trust)
+    config = AutoConfig.from_pretrained(src.base, trust_remote_code=trust)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    made_for = f" (its adapter_config.json names {src.recorded_base!r})" if src.recorded_base else ""
+    with safe_open(src.path / ADAPTER_WEIGHTS, framework="pt") as f:
+        for key in f.keys():
+            module_name, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+            if kind not in ("A.weight", "B.weight"):
+                continue
+            try:
+                module = skeleton.get_submodule(module_name)
+            except AttributeError:
+                raise AdapterError(
+                    f"adapter {src.path} does not fit base {src.base!r}{made_for}: it adapts "
+                    f"{module_name}, which that base (num_hidden_layers={config.num_hidden_layers}) "
+                    "does not have. Pass the base it was trained on with --base."
+                ) from None
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            shape = f.get_slice(key).get_shape()
+            side, got, want = (
+                ("inputs", shape[1], module.in_features) if kind == "A.weight"
+                else ("outputs", shape[0], module.out_features)
+            )
+            if got != want:
+                raise AdapterError(
+                    f"adapter {src.path} does not fit base {src.base!r}{made_for}: {module_name} "
+                    f"has {got} {side} in the adapter but {want} in the base (hidden size "
+                    f"{config.hidden_size}). Pass the base it was trained on with --base."
+                )
+
+
+def adapter_tokenizer(src: AdapterSource):
+    """The tokenizer saved with the adapter (the loop saves the one it trained with), else the
+    run's tokenizer setting, else the base's."""
+    saved = (src.path / "tokenizer_config.json").is_file()
+    cfg = dataclasses.replace(
+        src.run.model, name_or_path=src.base, tokenizer=str(src.path) if saved else src.run.model.tokenizer
+    )
+    return load_tokenizer(cfg)
+
+
+def load_adapted_model(src: AdapterSource, model_cfg: ModelConfig, device: torch.device):
+    """Base (via model.load_base, as in training) + the adapter, in eval mode."""
+    from peft import PeftModel
+
+    base = load_base(model_cfg, src.base, device)
+    return PeftModel.from_pretrained(base, src.path).eval()

@@ -1,0 +1,197 @@
+"""Answering questions with a trained adapter: the training prompt, the 8-bit base, greedy and
+seeded sampling, answers sampled during training, and clear errors before any weights load."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medqa_loop.adapter import adapter_tokenizer, load_adapted_model, resolve_adapter
+from medqa_loop.config import DataConfig
+from medqa_loop.data import DataError, Pairs, encode_pairs, encode_prompt, load_pairs, split_pairs
+from medqa_loop.generate import GenerationSettings, generate_answer, main, read_questions
+from medqa_loop.masking import MASKS
+from medqa_loop.metrics import read_metrics
+
+from conftest import ROOT
+
+
+def final_adapter(cfg) -> Path:
+    return Path(cfg.output_dir) / "final"
+
+
+def run_main(capsys, *argv):
+    """medqa_loop.generate in-process: (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("template", [DataConfig.prompt_template, "Q: {input_text}\nA:"])
+def test_generation_prompt_is_exactly_the_training_prefix(tokenizer, template):
+    """The tokens generation starts from are the first prompt_len tokens training saw."""
+    questions = [
+        *load_pairs(DataConfig(dataset="embedded:sample_medqa", max_rows=5)).questions,
+        "Dose of {drug} in µg/kg?",  # braces and non-ASCII in the question itself
+        "Line one\nline two?",
+    ]
+    pairs = Pairs("test", questions, ["An answer."] * len(questions), list(range(len(questions))))
+    cfg = DataConfig(prompt_template=template)
+    for q, ex in zip(questions, encode_pairs(pairs, tokenizer, cfg, MASKS["completion_only"]).examples):
+        prompt_len = ex["loss_weights"].index(1.0)
+        assert encode_prompt(tokenizer, q, template) == ex["input_ids"][:prompt_len]
+        assert ex["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_answers_sampled_in_training_equal_the_cli_answers(trained_run, capsys):
+    """samples.jsonl holds the first 2 validation questions at every evaluation; at the last one
+    the model is the saved final adapter, so the CLI (8-bit base, tokenizer saved with the
+    adapter, run's template, greedy) must give the very same answers."""
+    out = Path(trained_run.output_dir)
+    _, val = split_pairs(load_pairs(trained_run.data), trained_run.data.val_fraction, trained_run.seed)
+    samples = read_metrics(out / "samples.jsonl")
+    assert [s["step"] for s in samples] == [0, 0, 2, 2, 4, 4]
+    assert [s["question"] for s in samples] == val.questions[:2] * 3
+    assert [s["reference"] for s in samples] == val.answers[:2] * 3
+    assert [s["row"] for s in samples] == val.rows[:2] * 3
+    assert all(s["generated"].strip() for s in samples)
+
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all(0.0 <= r["eval_token_acc"] <= 1.0 for r in evals)
+
+    code, stdout, err = run_main(
+        capsys, "--adapter", final_adapter(trained_run), "--max-new-tokens", 12, "--jsonl", *val.questions[:2]
+    )
+    assert code == 0, err
+    answers = [json.loads(line) for line in stdout.splitlines()]
+    assert answers == [{"question": s["question"], "answer": s["generated"]} for s in samples[-2:]]
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(trained_run):
+    from transformers import set_seed
+
+    src = resolve_adapter(final_adapter(trained_run))
+    model = load_adapted_model(src, src.run.model, torch.device("cpu"))
+    tok = adapter_tokenizer(src)
+    q, template = "What is sepsis?", src.run.data.prompt_template
+
+    def answer(seed, temperature):
+        set_seed(seed)
+        return generate_answer(model, tok, q, template, GenerationSettings(16, temperature, 0.95))
+
+    greedy = answer(0, 0.0)
+    assert answer(1, 0.0) == greedy  # greedy ignores the seed
+    sampled = answer(1, 1.0)
+    assert answer(1, 1.0) == sampled != answer(2, 1.0)
+    assert sampled != greedy
+
+
+def test_cli_answers_a_file_offline_in_a_subprocess(trained_run, tmp_path):
+    """As a user runs it: another working directory, hub access off, a .txt of questions."""
+    questions = tmp_path / "q.txt"
+    questions.write_text("What is sepsis?\n\nWhat causes anaemia?\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "medqa_loop.generate", "--adapter", str(final_adapter(trained_run)),
+         "--file", str(questions), "--max-new-tokens", "8"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("### Answer:\n") == 2
+    assert "### Question:\nWhat is sepsis?\n" in proc.stdout and "What causes anaemia?" in proc.stdout
+
+
+def test_a_moved_run_finds_its_own_base(trained_run, tmp_path):
+    """adapter_config.json records the base path as it was at training time; a run directory
+    that was moved still resolves to the base beside it."""
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_run.output_dir, moved)
+    src = resolve_adapter(moved / "final")
+    assert src.recorded_base == str(Path(trained_run.output_dir) / "base")
+    assert src.base == str(moved / "base")
+    assert src.run.data.prompt_template == trained_run.data.prompt_template
+
+
+def test_read_questions_from_text_and_tables(tmp_path):
+    txt = tmp_path / "q.txt"
+    txt.write_text("First?\n\n  \nSecond?\n")
+    assert read_questions(txt, "question") == ["First?", "Second?"]
+    jsonl = tmp_path / "q.jsonl"
+    jsonl.write_text('{"q": "One?", "a": "x"}\n{"q": "Two?", "a": "y"}\n')
+    assert read_questions(jsonl, "q") == ["One?", "Two?"]
+    with pytest.raises(DataError, match=r"missing column 'question'.*\['q', 'a'\]"):
+        read_questions(jsonl, "question")
+    jsonl.write_text('{"q": "One?"}\n{"q": " "}\n')
+    with pytest.raises(DataError, match=r"q\.jsonl: row 1, column 'q': empty text"):
+        read_questions(jsonl, "q")
+    with pytest.raises(DataError, match="questions file not found"):
+        read_questions(tmp_path / "nope.txt", "question")
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(DataError, match="holds no questions"):
+        read_questions(tmp_path / "blank.txt", "question")
+
+
+@pytest.fixture(scope="module")
+def other_bases(trained_run, tmp_path_factory, tokenizer):
+    """Random-init bases of another hidden size and another depth than the trained one."""
+    from medqa_loop.model import build_random_base
+
+    root = tmp_path_factory.mktemp("other_bases")
+    made = {}
+    for name, change in {"hidden64": {"hidden_size": 64}, "layers1": {"num_hidden_layers": 1}}.items():
+        model_cfg = dataclasses.replace(
+            trained_run.model, random_init={**trained_run.model.random_init, **change}
+        )
+        made[name] = build_random_base(model_cfg, tokenizer, root / name, seed=0)
+    return made
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_dir", ["adapter directory not found", "no-such-run"]),
+        ("not_adapter", ["is not a PEFT adapter directory", "adapter_config.json"]),
+        ("empty_question", ["question 2 on the command line is empty"]),
+        ("empty_in_file", ["row 1, column 'question': empty text", "qs.jsonl"]),
+        ("missing_base", ["not a model directory", "no-such-base"]),
+        ("hidden64", ["does not fit base", "has 128 outputs in the adapter but 64 in the base", "hidden size 64"]),
+        ("layers1", ["does not fit base", "model.layers.1.", "num_hidden_layers=1"]),
+    ],
+)
+def test_clear_errors_before_any_weights_load(
+    case, expected, trained_run, other_bases, tmp_path, monkeypatch, capsys
+):
+    import medqa_loop.model as M
+
+    def boom(*a, **k):
+        raise AssertionError("base weights loaded despite bad input")
+
+    monkeypatch.setattr(M, "load_base", boom)
+    monkeypatch.setattr("medqa_loop.adapter.load_base", boom)
+    adapter = final_adapter(trained_run)
+    (tmp_path / "qs.jsonl").write_text('{"question": "ok?"}\n{"question": ""}\n')
+    argv = {
+        "missing_dir": ["--adapter", tmp_path / "no-such-run", "q?"],
+        "not_adapter": ["--adapter", trained_run.output_dir, "q?"],
+        "empty_question": ["--adapter", adapter, "q?", "   "],
+        "empty_in_file": ["--adapter", adapter, "--file", tmp_path / "qs.jsonl"],
+        "missing_base": ["--adapter", adapter, "--base", tmp_path / "no-such-base", "q?"],
+        "hidden64": ["--adapter", adapter, "--base", other_bases.get("hidden64"), "q?"],
+        "layers1": ["--adapter", adapter, "--base", other_bases.get("layers1"), "q?"],
+    }[case]
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2
+    for text in expected:
+        assert text in err
+    assert "Traceback" not in err and "size mismatch" not in err

@@ -1,0 +1,40 @@
+"""Token accuracy as a pure function of logits, labels and weights (no model)."""
+
+import torch
+
+from medqa_loop.losses import IGNORE_INDEX, token_accuracy_counts
+
+
+def one_hot_logits(predicted: list[list[int]], vocab: int = 10) -> torch.Tensor:
+    """Logits whose argmax at each position is the given token."""
+    return torch.nn.functional.one_hot(torch.tensor(predicted), vocab).float() * 5.0
+
+
+def test_token_accuracy_is_shifted_and_counts_only_weighted_targets():
+    ids = [[1, 4, 5, 6, 7, 2, 0]]
+    # Prompt = positions 0..2 (label -100), answer 3..5 (EOS at 5), pad at 6.
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 6, 7, 2, IGNORE_INDEX]])
+    weights = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
+    # Position t predicts the token at t+1: right for labels 6 and 2, wrong for 7 (predicts 9).
+    predicted = [[4, 5, 6, 9, 2, 0, 0]]
+    correct, counted = token_accuracy_counts(one_hot_logits(predicted), labels, weights)
+    assert (int(correct), int(counted)) == (2, 3)
+
+    # Unshifted predictions (position t "predicts" token t) would all be wrong.
+    correct, _ = token_accuracy_counts(one_hot_logits(ids), labels, weights)
+    assert int(correct) == 0
+
+    # A label kept but weighted 0 by a mask is not counted, right or wrong.
+    zero_eos = weights.clone()
+    zero_eos[0, 5] = 0.0
+    assert [int(x) for x in token_accuracy_counts(one_hot_logits(predicted), labels, zero_eos)] == [1, 2]
+    # Up-weighting a token does not change its count: accuracy is a plain fraction of tokens.
+    assert [int(x) for x in token_accuracy_counts(one_hot_logits(predicted), labels, weights * 3)] == [2, 3]
+
+
+def test_token_accuracy_sums_over_the_batch_and_ignores_padding():
+    labels = torch.tensor([[IGNORE_INDEX, 3, 3], [IGNORE_INDEX, 3, IGNORE_INDEX]])
+    weights = (labels != IGNORE_INDEX).float()
+    logits = one_hot_logits([[3, 3, 0], [3, 0, 3]])  # row 2 is wrong only where its label is padding
+    correct, counted = token_accuracy_counts(logits, labels, weights)
+    assert (int(correct), int(counted)) == (3, 3)
