@@ -73,6 +73,10 @@ class DataConfig:
     mask: str = "completion_only"
     # Use only the first N rows (after loading, before the split); None = all.
     max_rows: int | None = None
+    # A row with a missing, null, empty or non-string text, or a prompt that alone fills
+    # max_length: "error" stops with the row and column named; "skip" leaves it out, counted and
+    # listed at the end of data loading and in metrics.jsonl.
+    bad_rows: str = "error"
 
 
 @dataclass
@@ -92,6 +96,13 @@ class TrainConfig:
     eval_batch_size: int = 4
     # Batches of the 2-batch sanity eval run before the first step (0 disables it).
     sanity_eval_batches: int = 2
+    # Optimizer steps between full training states (medqa_loop.state: adapter, optimizer, RNGs,
+    # position) under <output_dir>/state/, for --resume. One is also saved at each epoch end and
+    # at the last step; None = only then.
+    save_every: int | None = 50
+    # Training states kept on disk (the newest ones); each holds the adapter and 2x its size of
+    # AdamW moments.
+    keep_states: int = 2
 
 
 @dataclass
@@ -177,6 +188,7 @@ def _validate(cfg: Config) -> None:
         "train.grad_accum_steps": t.grad_accum_steps,
         "train.eval_every": t.eval_every,
         "train.eval_batch_size": t.eval_batch_size,
+        "train.keep_states": t.keep_states,
         "data.max_length": d.max_length,
         "lora.r": lo.r,
         "lora.alpha": lo.alpha,
@@ -188,6 +200,7 @@ def _validate(cfg: Config) -> None:
     for key, value in {
         "train.max_steps": t.max_steps,
         "train.eval_max_batches": t.eval_max_batches,
+        "train.save_every": t.save_every,
         "data.max_rows": d.max_rows,
     }.items():
         if value is not None and value <= 0:
@@ -205,6 +218,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction!r}")
     if not 0.0 <= lo.dropout < 1.0:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lo.dropout!r}")
+    if d.bad_rows not in ("error", "skip"):
+        raise ConfigError(f"config key 'data.bad_rows' must be error or skip, got {d.bad_rows!r}")
     if not lo.target_modules:
         raise ConfigError("config key 'lora.target_modules' must name at least one module")
     if m.dtype not in ("float32", "bfloat16", "float16"):
