@@ -87,6 +87,10 @@ class DataConfig:
     # The pairs of each optimizer step, and so the update, are the same in all three.
     batching: str = "pack"
     pack_tokens: int = 8192
+    # A row with a missing, null, empty or non-string text, or a prompt that alone fills
+    # max_length: "error" stops with the row and column named; "skip" leaves it out, counted and
+    # listed at the end of data loading and in metrics.jsonl.
+    bad_rows: str = "error"
 
 
 @dataclass
@@ -111,6 +115,13 @@ class TrainConfig:
     sample_questions: int = 0
     # Length cap of those answers, in tokens.
     sample_max_new_tokens: int = 128
+    # Optimizer steps between full training states (medqa_loop.state: adapter, optimizer, RNGs,
+    # position) under <output_dir>/state/, for --resume. One is also saved at each epoch end and
+    # at the last step; None = only then.
+    save_every: int | None = 50
+    # Training states kept on disk (the newest ones); each holds the adapter and 2x its size of
+    # AdamW moments.
+    keep_states: int = 2
 
 
 @dataclass
@@ -196,6 +207,7 @@ def _validate(cfg: Config) -> None:
         "train.grad_accum_steps": t.grad_accum_steps,
         "train.eval_every": t.eval_every,
         "train.eval_batch_size": t.eval_batch_size,
+        "train.keep_states": t.keep_states,
         "data.max_length": d.max_length,
         "data.pack_tokens": d.pack_tokens,
         "lora.r": lo.r,
@@ -209,6 +221,7 @@ def _validate(cfg: Config) -> None:
     for key, value in {
         "train.max_steps": t.max_steps,
         "train.eval_max_batches": t.eval_max_batches,
+        "train.save_every": t.save_every,
         "data.max_rows": d.max_rows,
     }.items():
         if value is not None and value <= 0:
@@ -227,6 +240,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction!r}")
     if not 0.0 <= lo.dropout < 1.0:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lo.dropout!r}")
+    if d.bad_rows not in ("error", "skip"):
+        raise ConfigError(f"config key 'data.bad_rows' must be error or skip, got {d.bad_rows!r}")
     if not lo.target_modules:
         raise ConfigError("config key 'lora.target_modules' must name at least one module")
     if d.batching not in ("pack", "group_by_length", "pad"):

@@ -9,7 +9,7 @@ Padding is dynamic: a batch is padded to its own longest pair, never to ``max_le
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -74,6 +74,7 @@ class Pairs:
     questions: list[str]
     answers: list[str]
     rows: list[int]
+    skipped: list[str] = field(default_factory=list)  # bad rows left out (data.bad_rows=skip)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -90,21 +91,42 @@ def load_pairs(cfg: DataConfig) -> Pairs:
     if cfg.max_rows is not None:
         ds = ds.select(range(min(cfg.max_rows, len(ds))))
     questions, answers = ds[cfg.question_column], ds[cfg.answer_column]
+    keep, skipped = [], []
     for row, (q, a) in enumerate(zip(questions, answers)):
-        for column, text in ((cfg.question_column, q), (cfg.answer_column, a)):
-            check_text(cfg.dataset, row, column, text)
-    return Pairs(cfg.dataset, list(questions), list(answers), list(range(len(questions))))
+        problem = _row_problem(row, ((cfg.question_column, q), (cfg.answer_column, a)))
+        if problem is None:
+            keep.append(row)
+        else:
+            skipped.append(_bad_row(cfg.dataset, cfg.bad_rows, problem))
+    return Pairs(
+        cfg.dataset, [questions[i] for i in keep], [answers[i] for i in keep], keep, skipped
+    )
+
+
+def _row_problem(row: int, texts) -> str | None:
+    """What is wrong with one row's (column, text) pairs, naming row and column; None if fine."""
+    for column, text in texts:
+        if text is None:  # a null, or a JSON line without the key (datasets fills in None)
+            return f"row {row}, column {column!r}: missing or null (expected text, got NoneType)"
+        if not isinstance(text, str):
+            return f"row {row}, column {column!r}: expected text, got {type(text).__name__} {text!r:.40}"
+        if not text.strip():
+            return f"row {row}, column {column!r}: empty text"
+    return None
+
+
+def _bad_row(source: str, mode: str, problem: str) -> str:
+    """data.bad_rows=error: raise naming the row; skip: return the problem, to count and report."""
+    if mode != "skip":
+        raise DataError(f"dataset {source}: {problem} (data.bad_rows=skip leaves such rows out)")
+    return problem
 
 
 def check_text(source: str, row: int, column: str, text) -> None:
     """A cell must be non-blank text; the error names the source, row and column."""
-    if not isinstance(text, str):
-        raise DataError(
-            f"dataset {source}: row {row}, column {column!r}: "
-            f"expected text, got {type(text).__name__} {text!r:.40}"
-        )
-    if not text.strip():
-        raise DataError(f"dataset {source}: row {row}, column {column!r}: empty text")
+    problem = _row_problem(row, ((column, text),))
+    if problem is not None:
+        raise DataError(f"dataset {source}: {problem}")
 
 
 def split_pairs(pairs: Pairs, val_fraction: float, seed: int) -> tuple[Pairs, Pairs]:
@@ -154,6 +176,7 @@ def encode_prompt(tokenizer, question: str, template: str) -> list[int]:
 class Encoded:
     examples: list[dict]  # input_ids, labels, loss_weights, row (lists; unpadded)
     truncated: int  # pairs whose answer was cut at max_length
+    skipped: list[str] = field(default_factory=list)  # prompts too long (data.bad_rows=skip)
 
 
 def encode_pairs(pairs: Pairs, tokenizer, cfg: DataConfig, mask_fn: MaskFn) -> Encoded:
@@ -164,22 +187,24 @@ def encode_pairs(pairs: Pairs, tokenizer, cfg: DataConfig, mask_fn: MaskFn) -> E
     the full text. BOS/EOS are added here explicitly: some tokenizer files (e.g. the bare
     sentencepiece model) don't add BOS by themselves, and Mistral was trained with it.
     A pair longer than ``max_length`` loses the end of its answer (and its EOS, since it did not
-    end there); a prompt that leaves no room for the answer is an error naming the row.
+    end there); a prompt that leaves no room for the answer is an error naming the row (or, with
+    ``data.bad_rows=skip``, a skipped row).
     """
     prompts = [format_prompt(q, cfg.prompt_template) for q in pairs.questions]
     texts = [p + a for p, a in zip(prompts, pairs.answers)]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     eos = tokenizer.eos_token_id
     head = bos_prefix(tokenizer)
-    examples, truncated = [], 0
+    examples, truncated, skipped = [], 0, []
     for prompt, ids, offsets, row in zip(prompts, enc["input_ids"], enc["offset_mapping"], pairs.rows):
         prompt_len = len(head) + sum(1 for start, _ in offsets if start < len(prompt))
         if prompt_len >= cfg.max_length:
-            raise DataError(
-                f"dataset {pairs.source}: row {row}, column {cfg.question_column!r}: the prompt "
-                f"alone is {prompt_len} tokens, leaving no room for the answer in "
-                f"data.max_length={cfg.max_length}"
+            problem = (
+                f"row {row}, column {cfg.question_column!r}: the prompt alone is {prompt_len} "
+                f"tokens, leaving no room for the answer in data.max_length={cfg.max_length}"
             )
+            skipped.append(_bad_row(pairs.source, cfg.bad_rows, problem))
+            continue
         full = head + ids + [eos]
         if len(full) > cfg.max_length:
             full = full[: cfg.max_length]
@@ -187,7 +212,7 @@ def encode_pairs(pairs: Pairs, tokenizer, cfg: DataConfig, mask_fn: MaskFn) -> E
         weights = apply_mask(mask_fn, MaskInput(full, prompt_len, row))
         labels = [t if w > 0 else -100 for t, w in zip(full, weights)]
         examples.append({"input_ids": full, "labels": labels, "loss_weights": weights, "row": row})
-    return Encoded(examples, truncated)
+    return Encoded(examples, truncated, skipped)
 
 
 def collate(examples: list[dict], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
@@ -257,6 +282,32 @@ def arrange_window(
             rows[fit].append(i)
             room[fit] -= lengths[i]
     return rows
+
+
+def summarize_data(cfg: DataConfig, pairs: Pairs, train: Encoded, val: Encoded, say=print) -> dict:
+    """Report what loading kept, truncated and skipped (listing skipped rows: none go silently),
+    refuse an empty split, and return the counts for metrics.jsonl."""
+    skipped = pairs.skipped + train.skipped + val.skipped
+    stats = {
+        "data_train_pairs": len(train.examples),
+        "data_val_pairs": len(val.examples),
+        "data_truncated_answers": train.truncated + val.truncated,
+        "data_skipped_rows": len(skipped),
+    }
+    say(
+        f"data: {stats['data_train_pairs']} train / {stats['data_val_pairs']} validation pairs "
+        f"from {cfg.dataset}; {stats['data_truncated_answers']} answers truncated at "
+        f"{cfg.max_length} tokens; {len(skipped)} bad rows skipped"
+    )
+    limit = 20
+    for problem in skipped[:limit]:
+        say(f"data: skipped {problem}")
+    if len(skipped) > limit:
+        say(f"data: ... and {len(skipped) - limit} more skipped rows")
+    for name, split in (("training", train), ("validation", val)):
+        if not split.examples:
+            raise DataError(f"dataset {cfg.dataset}: the {name} split is empty after skipping bad rows")
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------

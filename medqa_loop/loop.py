@@ -13,6 +13,7 @@ One optimizer step = one accumulation window of ``grad_accum_steps`` micro-batch
   4. clip (the pre-clip norm is logged), optimizer step, zero_grad
   5. log; every ``eval_every`` steps evaluate (then sample answers, if given); at each epoch end
      evaluate and save the adapter
+  6. hand the position to ``after_step`` (medqa_loop.state saves a resumable training state)
 
 We do not use ``accelerator.accumulate``: it decides when to sync from its own micro-step
 counter, which drifts from ours on a short last window. ``no_sync`` on all but the last
@@ -35,6 +36,7 @@ from medqa_loop.distributed import zero_weight_batch
 from medqa_loop.losses import target_weight, token_accuracy_counts, weighted_loss_sum
 from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity
 from medqa_loop.optim import lr_at
+from medqa_loop.state import Position
 
 Batch = dict[str, torch.Tensor]
 EPS = 1e-8  # floor of the loss normaliser: an all-masked window must not divide by 0
@@ -140,10 +142,16 @@ def train(
     save_checkpoint: Callable[[str], object],
     log: MetricsLog,
     sample_answers: Callable[[int], object] | None = None,
+    start: Position = Position(),
+    after_step: Callable[[int, int, int, int, bool], None] | None = None,
 ) -> dict:
     """Run the configured epochs (or ``train.max_steps``); return the last logged values.
 
     ``sample_answers(step)``, when given, runs after each evaluation (see medqa_loop.generate).
+    ``start`` is where a resumed run stands (its model, optimizer and RNGs already restored):
+    the windows before it are skipped, not replayed, since the data order is a pure function of
+    (seed, epoch). ``after_step(step, epoch, windows_done, windows_in_epoch, last)`` runs after
+    every step; it may raise to stop the run (state.Interrupted).
     """
     t = cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -166,17 +174,18 @@ def train(
 
     # A short eval before the first step: a broken eval path or a NaN model fails in seconds,
     # not after the first eval_every steps; it also records the starting loss.
-    last = {"step": 0}
-    if t.sanity_eval_batches:
+    last = {"step": start.step}
+    if t.sanity_eval_batches and start.step == 0:  # a resumed run logged its own at step 0
         last["eval_loss"] = run_eval(0, 0.0, t.sanity_eval_batches)
 
     model.train()
-    step = 0
-    bar = tqdm(total=total_steps, disable=not accelerator.is_main_process, desc="train")
-    for epoch in range(t.epochs):
+    step = start.step
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    for epoch in range(start.epoch, t.epochs):
         order = epoch_order(len(train_examples), cfg.seed, epoch)
         windows = accumulation_windows(order, t.micro_batch_size, t.grad_accum_steps, rank, world)
-        for window_index, window in enumerate(windows):
+        done = start.window if epoch == start.epoch else 0  # windows trained before a resume
+        for window_index, window in enumerate(windows[done:], start=done):
             if step >= total_steps:
                 break  # train.max_steps reached mid-epoch
             started = time.perf_counter()
@@ -229,6 +238,8 @@ def train(
                 save_checkpoint(f"epoch-{epoch + 1}")
             elif step % t.eval_every == 0:
                 last["eval_loss"] = run_eval(step, epoch_pos)
+            if after_step is not None:
+                after_step(step, epoch, window_index + 1, len(windows), step >= total_steps)
         if step >= total_steps:
             break
     bar.close()

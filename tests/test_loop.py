@@ -135,4 +135,4 @@ def test_max_steps_stops_mid_epoch_and_saves_final(tiny_cfg):
             assert r["target_tokens"] > 0 and r["epoch"] < 1
     import os
 
-    assert sorted(os.listdir(out)) == ["base", "config.yaml", "final", "metrics.jsonl", "samples.jsonl"]
+    assert sorted(os.listdir(out)) == ["base", "config.yaml", "final", "metrics.jsonl", "samples.jsonl", "state"]

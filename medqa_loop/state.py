@@ -1,0 +1,387 @@
+"""Resumable training state: saved atomically, checked before use, restored exactly.
+
+A state holds everything the next optimizer step depends on besides the frozen base and the data:
+the LoRA weights, AdamW's moments, every RNG (LoRA dropout draws from torch's) and where the run
+stands. The data order is a pure function of (seed, epoch) (``data.epoch_order``) and the lr one
+of the step (``optim.lr_at``), so the position is (step, epoch, windows of that epoch done) and
+there is no sampler or scheduler to save. Restored at a window boundary, the rest of the run is
+bitwise the run that was never stopped (on the CPU; some CUDA kernels are not deterministic).
+
+``<output_dir>/state/step-<N>/`` holds:
+
+  adapter_model.safetensors, adapter_config.json   the LoRA weights (checkpoint.save_adapter)
+  optimizer.bin, random_states_<rank>.pkl          Accelerate's save_state, base weights left out
+  trainer_state.json                               position, number of processes, data digest
+  config.yaml                                      the config the run was going with
+  manifest.json                                    size and sha256 of every file; written last
+
+It is written as ``state/.tmp-step-<N>``, fsynced, then renamed: a crash mid-save leaves a
+``.tmp`` directory that is never read, not half a state. A state whose manifest is missing or
+does not match its files is refused, naming the file, and ``--resume auto`` takes the newest
+state that passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from medqa_loop.checkpoint import save_adapter
+from medqa_loop.config import Config
+
+STATE_DIR = "state"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+ADAPTER = "adapter_model.safetensors"
+FORMAT = 1
+# Keys a resumed run may change: where it writes, how often it evaluates or saves, how long it
+# runs. Any other difference changes the updates themselves and is refused without
+# --force-resume. (epochs / max_steps change the lr schedule's length from the resumed step on.)
+MAY_CHANGE = {
+    "output_dir", "train.epochs", "train.max_steps", "train.eval_every", "train.eval_batch_size",
+    "train.eval_max_batches", "train.sanity_eval_batches", "train.save_every",
+    "train.keep_states", "data.bad_rows",
+}
+
+
+class StateError(ValueError):
+    """A training state is missing, incomplete, corrupt or belongs to a different run."""
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT: the current window was finished and a state saved; the run stops."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; training state saved in "
+            f"{path}. Resume with the same command plus --resume auto (or --resume {path})."
+        )
+
+
+@dataclass(frozen=True)
+class Position:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next window
+    window: int = 0  # windows of that epoch already trained on
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def state_dirs(output_dir: Path) -> list[Path]:
+    """The finished states under ``output_dir/state``, newest first (``.tmp-*`` are not)."""
+    found = (Path(output_dir) / STATE_DIR).glob("step-*")
+    return sorted((p for p in found if re.fullmatch(r"step-\d+", p.name)), key=step_of, reverse=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def examples_digest(examples: list[dict]) -> str:
+    """sha256 of the tokenized training examples: the same config over a changed data file,
+    tokenizer or mask would train on other tokens, and the config alone cannot tell."""
+    rows = [[e["row"], e["input_ids"], e["loss_weights"]] for e in examples]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and finding states
+
+
+def verify_state(path: Path) -> dict:
+    """Check every file of a state against its manifest; return its trainer_state.
+
+    Raises StateError naming the state and the file that is missing, truncated or altered.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise StateError(f"training state {path} not found")
+    if (path / STATE_DIR).is_dir():
+        raise StateError(
+            f"{path} is a run directory, not a training state: pass one of {path / STATE_DIR}/step-<N>, "
+            f"or --resume auto with output_dir={path}"
+        )
+    if not (path / MANIFEST).is_file():
+        raise StateError(
+            f"training state {path} is incomplete: no {MANIFEST} (written last, so the save "
+            "never finished)"
+        )
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        expected = {name: (int(f["bytes"]), str(f["sha256"])) for name, f in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise StateError(f"training state {path}: {MANIFEST} is unreadable ({e!r})") from None
+    # Every file must be listed; each process's RNG file is, as saved (check_config compares
+    # the number of processes).
+    needed = {ADAPTER, "optimizer.bin", TRAINER_STATE, "config.yaml", "random_states_0.pkl"}
+    for name in sorted(needed | expected.keys()):
+        file = path / name
+        if name not in expected or not file.is_file():
+            raise StateError(f"training state {path}: {name} is missing")
+        size, digest = expected[name]
+        if file.stat().st_size != size:
+            raise StateError(
+                f"training state {path}: {name} is truncated or altered "
+                f"({file.stat().st_size} bytes, the manifest says {size})"
+            )
+        if _sha256(file) != digest:
+            raise StateError(f"training state {path}: {name} is corrupt (sha256 differs from manifest)")
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def find_state(output_dir: Path, resume: str, say: Callable = print) -> Path | None:
+    """The state ``--resume`` names: a path (checked), or ``auto``: the newest good state in
+    ``output_dir`` (bad ones are reported and passed over). None: ``auto`` found no state."""
+    if resume != "auto":
+        verify_state(Path(resume))
+        return Path(resume)
+    problems, root = [], Path(output_dir) / STATE_DIR
+    for path in state_dirs(output_dir):
+        try:
+            verify_state(path)
+            return path
+        except StateError as e:
+            problems.append(str(e))
+            say(f"medqa_loop: warning: {e}; trying an older state")
+    if problems:
+        raise StateError(f"no usable training state in {root}: " + "; ".join(problems))
+    say(f"medqa_loop: no training state in {root}; starting a new run")
+    return None
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _refuse_or_warn(path: Path, differences: list[str], force: bool, say: Callable) -> None:
+    if not differences:
+        return
+    listed = "; ".join(differences)
+    if not force:
+        raise StateError(
+            f"cannot resume from {path}: the run would not be the one that was stopped ({listed}). "
+            "Undo the change, or pass --force-resume to continue anyway."
+        )
+    say(f"medqa_loop: warning: --force-resume: continuing {path} despite {listed}")
+
+
+def check_config(path: Path, cfg: Config, num_processes: int, force: bool, say: Callable = print):
+    """Refuse a resume whose config differs in a key that changes the updates (MAY_CHANGE aside),
+    naming every such key with its old and new value, or run with a different process count."""
+    old = _flatten(yaml.safe_load((path / "config.yaml").read_text()))
+    new = _flatten(cfg.to_dict())
+    differences = [
+        f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in MAY_CHANGE and old.get(key) != new.get(key)
+    ]
+    saved_world = json.loads((path / TRAINER_STATE).read_text())["num_processes"]
+    if saved_world != num_processes:  # each process's share of every window would change
+        differences.append(f"number of processes: {saved_world} -> {num_processes}")
+    _refuse_or_warn(path, differences, force, say)
+
+
+def check_examples(path: Path, examples: list[dict], force: bool, say: Callable = print) -> None:
+    """Refuse a resume whose tokenized training data differs from the one the state trained on."""
+    saved = json.loads((path / TRAINER_STATE).read_text())["examples_sha256"]
+    if saved != examples_digest(examples):
+        _refuse_or_warn(
+            path, ["the tokenized training examples differ (data file, tokenizer or mask changed)"],
+            force, say,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring
+
+
+def _skip_model_weights(models: list, *_) -> None:
+    """Accelerate (load/save)_state pre-hook: leave the model out. Its full state dict would be
+    the frozen 8-bit base too (7 GB for Mistral-7B); the LoRA weights travel as the adapter."""
+    models.clear()
+
+
+def restore(path: Path, accelerator, model, output_dir: Path) -> Position:
+    """Load a checked state into the prepared model and optimizer, restore every RNG of this
+    process, and drop metrics lines of steps after it (the resumed run writes them again).
+
+    Call it last before the loop: anything drawing random numbers in between would shift them.
+    """
+    from accelerate.utils import load
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    info = json.loads((path / TRAINER_STATE).read_text())
+    weights = load_peft_weights(str(path), device=str(accelerator.device))  # safetensors
+    unexpected = set_peft_model_state_dict(accelerator.unwrap_model(model), weights).unexpected_keys
+    if unexpected:
+        raise StateError(f"training state {path}: {ADAPTER} does not fit this model: {unexpected[:3]}")
+    handle = accelerator.register_load_state_pre_hook(_skip_model_weights)
+    try:
+        accelerator.load_state(str(path))  # the prepared optimizer, then the RNGs
+    finally:
+        handle.remove()
+    # Accelerate logs a failed RNG load at info level and goes on; dropout would then differ.
+    rng = load(path / f"random_states_{accelerator.process_index}.pkl")
+    if not torch.equal(torch.get_rng_state(), rng["torch_manual_seed"]):
+        raise StateError(f"training state {path}: its RNG states could not be restored")
+    position = Position(info["step"], info["epoch"], info["window"])
+    if accelerator.is_main_process:
+        trim_metrics(Path(output_dir) / "metrics.jsonl", position.step)
+    accelerator.print(
+        f"resuming from {path}: step {position.step}, epoch {position.epoch + 1}, "
+        f"{position.window} windows of it done"
+    )
+    return position
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the metrics lines of steps <= ``step`` (and drop a line a crash cut short)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+class StateSaver:
+    """Saves training states from the loop (``after_step``) and turns SIGTERM/SIGINT into
+    "finish this window, save a state, raise Interrupted"."""
+
+    def __init__(self, cfg: Config, accelerator, model, examples_sha256: str):
+        self.cfg, self.accelerator, self.model = cfg, accelerator, model
+        self.examples_sha256 = examples_sha256
+        self.root = Path(cfg.output_dir) / STATE_DIR
+        self.signum = 0
+
+    def after_step(self, step: int, epoch: int, windows_done: int, windows_in_epoch: int, last: bool):
+        """Called by the loop after every optimizer step, its eval and its checkpoint."""
+        if windows_done == windows_in_epoch:
+            position = Position(step, epoch + 1, 0)
+        else:
+            position = Position(step, epoch, windows_done)
+        # Every process must see the same decision, or one would wait forever in a collective.
+        signum = torch.tensor(self.signum, device=self.accelerator.device)
+        signum = int(self.accelerator.reduce(signum, reduction="max"))
+        every = self.cfg.train.save_every
+        if signum or last or position.window == 0 or (every is not None and step % every == 0):
+            path = self.save(position)
+            if signum:
+                raise Interrupted(signum, step, path)
+
+    def save(self, position: Position) -> Path:
+        acc = self.accelerator
+        final = self.root / f"step-{position.step}"
+        tmp = self.root / f".tmp-step-{position.step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+            tmp.mkdir(parents=True)
+        save_adapter(acc, self.model, tmp)  # waits for every process first: tmp exists for all
+        handle = acc.register_save_state_pre_hook(_skip_model_weights)
+        try:
+            acc.save_state(str(tmp))  # optimizer (main process), RNGs (each process)
+        finally:
+            handle.remove()
+        if acc.is_main_process:
+            info = {
+                "format": FORMAT, "step": position.step, "epoch": position.epoch,
+                "window": position.window, "num_processes": acc.num_processes,
+                "examples_sha256": self.examples_sha256,
+            }
+            (tmp / TRAINER_STATE).write_text(json.dumps(info, indent=1))
+            (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        acc.wait_for_everyone()  # every process's RNG file is written
+        if acc.is_main_process:
+            self._write_manifest(tmp)
+            if final.exists():  # left by a run resumed from an older state
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(self.root)
+            self._prune(position.step)
+        acc.wait_for_everyone()
+        return final
+
+    @staticmethod
+    def _write_manifest(tmp: Path) -> None:
+        """fsync every file, then write the manifest: it exists only once they are all on disk."""
+        files = {}
+        for file in sorted(tmp.iterdir()):
+            _fsync(file)
+            files[file.name] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        with (tmp / MANIFEST).open("w") as f:
+            json.dump({"format": FORMAT, "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp)
+
+    def _prune(self, step: int) -> None:
+        """Keep the newest train.keep_states states. States after ``step`` are dropped: they were
+        left by the run this one resumed from an older state of, so are no longer its past."""
+        states = state_dirs(self.cfg.output_dir)
+        newer = [p for p in states if step_of(p) > step]
+        older = [p for p in states if step_of(p) <= step][self.cfg.train.keep_states :]
+        for path in newer + older + list(self.root.glob(".tmp-step-*")):
+            shutil.rmtree(path)
+
+    @contextlib.contextmanager
+    def stop_on_signals(self):
+        """While training, SIGTERM/SIGINT ask for a stop after the current window (a second one
+        acts as usual: SIGTERM kills, Ctrl-C raises KeyboardInterrupt)."""
+
+        def request_stop(signum, frame):
+            self.signum = signum
+            signal.signal(signum, previous[signum])
+            print(
+                f"medqa_loop: {signal.Signals(signum).name}: finishing this step, then saving a "
+                "training state (send it again to stop at once)",
+                file=sys.stderr, flush=True,
+            )
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

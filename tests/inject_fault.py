@@ -1,0 +1,52 @@
+"""Test helper: run ``medqa_loop.train`` and send this very process a real signal at a chosen point.
+
+    python tests/inject_fault.py SIGNAL WHERE N [train args...]
+
+SIGNAL is KILL, TERM or INT. WHERE is
+  forward  during the forward of the N-th training micro-batch (counted from the run's start)
+  save     while the training state of step N is being written: every file is there but the
+           manifest, which is written last
+
+Nothing in medqa_loop knows about this: the hooks wrap its functions from outside, and the signal
+is delivered by the kernel as any other. SIGKILL ends the process on the spot: no handler, no
+cleanup, no flush. The tests then resume with the plain entry point.
+"""
+
+import os
+import signal
+import sys
+
+import medqa_loop.loop as loop
+import medqa_loop.state as state
+from medqa_loop.train import main
+
+
+def inject(signum: int, where: str, n: int) -> None:
+    if where == "forward":
+        forward, calls = loop.forward_loss_sum, [0]
+
+        def counting_forward(model, batch):
+            if model.training:  # evaluation forwards do not count
+                calls[0] += 1
+                if calls[0] == n:
+                    os.kill(os.getpid(), signum)
+            return forward(model, batch)
+
+        loop.forward_loss_sum = counting_forward
+    elif where == "save":
+        write_manifest = state.StateSaver._write_manifest
+
+        def dying_write_manifest(tmp):
+            if tmp.name == f".tmp-step-{n}":
+                os.kill(os.getpid(), signum)
+            write_manifest(tmp)
+
+        state.StateSaver._write_manifest = staticmethod(dying_write_manifest)
+    else:
+        raise SystemExit(f"unknown fault point {where!r}")
+
+
+if __name__ == "__main__":
+    name, where, n, *args = sys.argv[1:]
+    inject(signal.Signals[f"SIG{name}"], where, int(n))
+    main(args)

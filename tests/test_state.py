@@ -1,0 +1,320 @@
+"""Training states and resume, by fault injection on the tiny CPU model.
+
+Runs are real ``python -m medqa_loop.train`` processes, killed by real signals
+(tests/inject_fault.py) and resumed with ``--resume``; a resumed run must end with an adapter
+*bitwise* equal to the one of a run that was never interrupted, and with the same metrics.
+
+The run: 16 training pairs cut to 48 tokens, micro-batch 2 x GA 2 = 4 steps per epoch, 2 epochs,
+a state every 3 steps and at each epoch end, the newest 2 kept, LoRA dropout 0.1 (so the RNG
+state matters).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medqa_loop.config import load_config
+from medqa_loop.state import (
+    StateError,
+    check_config,
+    check_examples,
+    find_state,
+    state_dirs,
+    verify_state,
+)
+from medqa_loop.train import main
+
+from conftest import ROOT, TINY
+
+RUN = [
+    "--config", str(TINY), "--set", "data.max_rows=20", "--set", "data.max_length=48",
+    "--set", "train.grad_accum_steps=2", "--set", "train.epochs=2", "--set", "train.save_every=3",
+    "--set", "train.keep_states=2", "--set", "train.eval_every=100", "--set", "train.sanity_eval_batches=1",
+]
+
+
+def train(out, *extra, fault=None):
+    """The entry point in a subprocess; ``fault`` = (SIGNAL, WHERE, N) for tests/inject_fault.py."""
+    entry = [str(ROOT / "tests" / "inject_fault.py"), *map(str, fault)] if fault else ["-m", "medqa_loop.train"]
+    return subprocess.run(
+        [sys.executable, *entry, *RUN, "--set", f"output_dir={out}", *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def steps_of(out):
+    return [p.name for p in state_dirs(out)]
+
+
+def assert_same_run(out, ref):
+    """Bitwise-equal final adapters, and the same metrics (throughput aside)."""
+    got, want = load_file(out / "final" / "adapter_model.safetensors"), load_file(ref / "final" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and len(want) == 28
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+    assert metrics(out) == metrics(ref)
+
+
+def metrics(run):
+    """metrics.jsonl without the throughput fields (wall-clock dependent)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = train(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_reference_run_keeps_the_newest_states_with_their_position(reference):
+    assert steps_of(reference) == ["step-8", "step-6"]  # saved at 3, 4, 6, 8; keep_states=2
+    assert not list((reference / "state").glob(".tmp-*"))
+    info = verify_state(reference / "state" / "step-6")
+    assert (info["step"], info["epoch"], info["window"], info["num_processes"]) == (6, 1, 2, 1)
+    assert verify_state(reference / "state" / "step-8")["epoch"] == 2  # next would be epoch 3
+    saved = load_config(reference / "state" / "step-6" / "config.yaml")
+    assert saved.train.save_every == 3 and saved.output_dir == str(reference)
+    # The state's adapter is the run's weights after step 8, as final/ is.
+    final = load_file(reference / "final" / "adapter_model.safetensors")
+    state = load_file(reference / "state" / "step-8" / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], state[k]) for k in final)
+
+
+def test_killed_again_and_again_then_resumed_is_bitwise_the_uninterrupted_run(reference, tmp_path):
+    """One run dies three ways, each resume picking up where the last left off.
+
+    Steps 1-8 take micro-batches 1-16. Each stage's metrics must already match the reference's for
+    the steps it did; the final adapter must match bitwise.
+    """
+    out = tmp_path / "run"
+    ref_metrics = metrics(reference)
+
+    # 1. SIGKILL in the first micro-batch of step 4 (mid-epoch): only the state of step 3 exists.
+    killed = train(out, fault=("KILL", "forward", 7))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert steps_of(out) == ["step-3"] and not (out / "final").exists()
+    assert metrics(out) == ref_metrics[:5]  # data, sanity eval, steps 1-3
+
+    # 2. Resumed (3 windows of epoch 1 skipped), then SIGKILL while step 6's state is written:
+    #    every file but the manifest is there, in a .tmp directory no resume reads.
+    killed = train(out, "--resume", "auto", fault=("KILL", "save", 6))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert f"resuming from {out / 'state' / 'step-3'}: step 3, epoch 1, 3 windows" in killed.stdout
+    partial = out / "state" / ".tmp-step-6"
+    assert (partial / "optimizer.bin").is_file() and not (partial / "manifest.json").exists()
+    assert steps_of(out) == ["step-4", "step-3"]
+    assert metrics(out) == ref_metrics[:9]  # + step 4, its eval, steps 5-6
+
+    # 3. The newest state (step 4) is then truncated on disk: --resume auto says so and takes
+    #    step 3. SIGTERM in that run's 3rd micro-batch (step 5): it finishes step 5, saves, exits.
+    adapter = out / "state" / "step-4" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:1000])
+    stopped = train(out, "--resume", "auto", fault=("TERM", "forward", 3))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "step-4: adapter_model.safetensors is truncated" in stopped.stdout
+    assert f"resuming from {out / 'state' / 'step-3'}:" in stopped.stdout
+    assert "stopped by SIGTERM after step 5" in stopped.stderr and "--resume auto" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert steps_of(out) == ["step-5", "step-4"] and not list((out / "state").glob(".tmp-*"))
+    info = verify_state(out / "state" / "step-5")  # the rewritten step 4 is whole again
+    assert (info["step"], info["epoch"], info["window"]) == (5, 1, 1)
+    assert not (out / "final").exists()
+
+    # 4. Resumed by path; runs to the end.
+    resumed = train(out, "--resume", str(out / "state" / "step-5"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(out, reference)
+    assert steps_of(out) == ["step-8", "step-6"] and not list((out / "state").glob(".tmp-*"))
+
+
+def test_sigint_finishes_the_window_saves_and_stops(tiny_cfg, monkeypatch):
+    """Ctrl-C (a real SIGINT, in this process): the same clean stop, with the state to resume."""
+    import medqa_loop.loop as loop
+    from medqa_loop.state import Interrupted
+    from medqa_loop.train import run
+
+    forward, calls = loop.forward_loss_sum, []
+
+    def forward_then_ctrl_c(model, batch):
+        calls.append(model.training)
+        if calls.count(True) == 3:  # step 2's first micro-batch
+            os.kill(os.getpid(), signal.SIGINT)
+        return forward(model, batch)
+
+    monkeypatch.setattr(loop, "forward_loss_sum", forward_then_ctrl_c)
+    cfg = tiny_cfg("data.max_rows=20", "data.max_length=48", "train.grad_accum_steps=2", "train.sanity_eval_batches=0")
+    with pytest.raises(Interrupted, match="stopped by SIGINT after step 2") as err:
+        run(cfg)
+    out = tiny_cfg().output_dir
+    assert err.value.path == state_dirs(out)[0] and err.value.signum == signal.SIGINT
+    assert steps_of(out) == ["step-2"] and calls.count(True) == 4  # the window was finished
+    assert verify_state(err.value.path)["window"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged states, found and refused without loading anything
+
+
+@pytest.fixture
+def states(reference, tmp_path):
+    """A copy of the reference run's state directory to damage."""
+    copy = tmp_path / "run"
+    shutil.copytree(reference / "state", copy / "state")
+    return copy
+
+
+def flip_a_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: (s / "adapter_model.safetensors").write_bytes((s / "adapter_model.safetensors").read_bytes()[:-7]),
+         r"adapter_model\.safetensors is truncated or altered \(\d+ bytes, the manifest says \d+\)"),
+        (lambda s: flip_a_byte(s / "optimizer.bin"), r"optimizer\.bin is corrupt \(sha256"),
+        (lambda s: (s / "random_states_0.pkl").unlink(), r"random_states_0\.pkl is missing"),
+        (lambda s: (s / "manifest.json").unlink(), r"incomplete: no manifest\.json"),
+        (lambda s: (s / "manifest.json").write_text('{"files": {"optim'), r"manifest\.json is unreadable"),
+    ],
+    ids=["truncated", "bit-flip", "file-missing", "no-manifest", "manifest-cut"],
+)
+def test_a_damaged_state_is_refused_naming_the_file(states, damage, message):
+    state = states / "state" / "step-8"
+    damage(state)
+    with pytest.raises(StateError, match=message) as err:
+        verify_state(state)
+    assert str(state) in str(err.value)
+    verify_state(states / "state" / "step-6")  # the other one is untouched and fine
+
+
+def test_auto_falls_back_to_the_newest_good_state_and_refuses_when_none_is(states, tmp_path):
+    said = []
+    flip_a_byte(states / "state" / "step-8" / "optimizer.bin")
+    assert find_state(states, "auto", said.append) == states / "state" / "step-6"
+    assert len(said) == 1 and "step-8: optimizer.bin is corrupt" in said[0]
+    (states / "state" / "step-6" / "manifest.json").unlink()
+    with pytest.raises(StateError, match=r"no usable training state.*step-8.*optimizer.*step-6.*manifest"):
+        find_state(states, "auto", said.append)
+    with pytest.raises(StateError, match="step-6 is incomplete"):
+        find_state(states, str(states / "state" / "step-6"))  # an explicit path: no fallback
+    with pytest.raises(StateError, match="is a run directory, not a training state"):
+        find_state(states, str(states))
+    assert find_state(tmp_path / "fresh", "auto", said.append) is None
+    assert "no training state" in said[-1] and "starting a new run" in said[-1]
+
+
+def test_restore_puts_back_weights_moments_and_rngs_and_catches_a_skipped_rng_load(reference, states):
+    from accelerate.utils import load
+    from peft import get_peft_model_state_dict
+
+    from medqa_loop.state import Position, StateSaver
+    from medqa_loop.train import build_parts
+
+    state = states / "state" / "step-6"
+    cfg = load_config(reference / "config.yaml", [f"output_dir={states}"])
+    parts = build_parts(cfg, resume=str(state))
+    assert parts.start == Position(step=6, epoch=1, window=2)
+    saved = load_file(state / "adapter_model.safetensors")
+    live = get_peft_model_state_dict(parts.accelerator.unwrap_model(parts.model))
+    assert saved.keys() == live.keys() and all(torch.equal(saved[k], live[k]) for k in saved)
+    moments = load(state / "optimizer.bin")["state"]
+    restored = parts.optimizer.state_dict()["state"]
+    assert moments.keys() == restored.keys() and len(moments) == 28
+    assert all(torch.equal(moments[i]["exp_avg_sq"], restored[i]["exp_avg_sq"]) for i in moments)
+    assert torch.equal(torch.get_rng_state(), load(state / "random_states_0.pkl")["torch_manual_seed"])
+
+    # Accelerate catches any error loading the RNG file and goes on (logged at info level); the
+    # run would then silently differ. A file it cannot apply, with a valid manifest, is refused.
+    torch.save({"torch_manual_seed": torch.manual_seed(99).get_state()}, state / "random_states_0.pkl")
+    (state / "manifest.json").unlink()
+    StateSaver._write_manifest(state)
+    with pytest.raises(StateError, match="step-6: its RNG states could not be restored"):
+        build_parts(cfg, resume=str(state))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming into a different run is refused, naming what differs
+
+
+def test_a_changed_config_is_refused_naming_each_key(reference):
+    state = reference / "state" / "step-6"
+    base = [f"output_dir={reference}", "data.max_rows=20", "data.max_length=48", "train.grad_accum_steps=2",
+            "train.epochs=2", "train.save_every=3", "train.eval_every=100", "train.sanity_eval_batches=1"]
+    check_config(state, load_config(TINY, base), 1, force=False)
+    # Length, evaluation and saving cadence, and where it writes may change.
+    check_config(state, load_config(TINY, [*base, "train.epochs=3", "train.max_steps=10", "train.eval_every=2",
+                                           "train.keep_states=5", "output_dir=/elsewhere"]), 1, force=False)
+    changed = load_config(TINY, [*base, "train.lr=0.02", "train.micro_batch_size=1", "lora.r=8"])
+    with pytest.raises(StateError) as err:
+        check_config(state, changed, 1, force=False)
+    for culprit in ("train.lr: 0.01 -> 0.02", "train.micro_batch_size: 2 -> 1", "lora.r: 16 -> 8", "--force-resume"):
+        assert culprit in str(err.value)
+    assert "train.epochs" not in str(err.value)
+    with pytest.raises(StateError, match="number of processes: 1 -> 2"):
+        check_config(state, load_config(TINY, base), 2, force=False)
+    said = []
+    check_config(state, changed, 1, force=True, say=said.append)  # forced: goes on, says what
+    assert "--force-resume" in said[0] and "train.lr: 0.01 -> 0.02" in said[0]
+
+
+def test_changed_training_data_is_refused(reference):
+    from medqa_loop.data import encode_pairs, load_pairs, split_pairs
+    from medqa_loop.masking import resolve_mask
+    from medqa_loop.model import load_tokenizer
+
+    cfg = load_config(reference / "config.yaml")
+    tok = load_tokenizer(cfg.model)
+    train_pairs, _ = split_pairs(load_pairs(cfg.data), cfg.data.val_fraction, cfg.seed)
+    examples = encode_pairs(train_pairs, tok, cfg.data, resolve_mask(cfg.data.mask)).examples
+    state = reference / "state" / "step-6"
+    check_examples(state, examples, force=False)  # the data it trained on
+    examples[3] = {**examples[3], "input_ids": examples[3]["input_ids"][:-1] + [7]}
+    with pytest.raises(StateError, match="tokenized training examples differ"):
+        check_examples(state, examples, force=False)
+
+
+def test_resume_cli_rules_fail_before_any_model_load(reference, tmp_path, monkeypatch, capsys):
+    import medqa_loop.model as M
+
+    def boom(*a, **k):
+        raise AssertionError("model touched")
+
+    for name in ("load_base", "build_random_base", "check_model_source"):
+        monkeypatch.setattr(M, name, boom)
+
+    def refused(*args):
+        with pytest.raises(SystemExit) as exit_:
+            main([*RUN, *args])
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    assert "not allowed with argument" in refused("--resume", "auto", "--overwrite")
+    assert "--force-resume needs --resume" in refused("--force-resume")
+    err = refused("--set", f"output_dir={reference}", "--resume", "auto", "--set", "train.lr=0.5")
+    assert "train.lr: 0.01 -> 0.5" in err
+    # A state of one run into an output_dir that holds another: refused, not mixed.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("")
+    err = refused("--set", f"output_dir={other}", "--resume", str(reference / "state" / "step-6"))
+    assert "holds another run" in err
+    # A run directory with no state to resume (killed before its first save) is not overwritten.
+    err = refused("--set", f"output_dir={other}", "--resume", "auto")
+    assert "holds another run" in err and (other / "metrics.jsonl").exists()
