@@ -33,8 +33,9 @@ from medqa_loop.train import main
 
 from conftest import ROOT, TINY
 
+# Padded micro-batches (not packed rows): the fault points count forwards, 2 per step.
 RUN = [
-    "--config", str(TINY), "--set", "data.max_rows=20", "--set", "data.max_length=48",
+    "--config", str(TINY), "--set", "data.batching=pad", "--set", "data.max_rows=20", "--set", "data.max_length=48",
     "--set", "train.grad_accum_steps=2", "--set", "train.epochs=2", "--set", "train.save_every=3",
     "--set", "train.keep_states=2", "--set", "train.eval_every=100", "--set", "train.sanity_eval_batches=1",
 ]
@@ -65,9 +66,9 @@ def assert_same_run(out, ref):
 
 
 def metrics(run):
-    """metrics.jsonl without the throughput fields (wall-clock dependent)."""
+    """metrics.jsonl without the throughput and timing fields (wall-clock dependent)."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in records]
+    return [{k: v for k, v in r.items() if not k.endswith(("_per_s", "_time_s"))} for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,8 @@ def test_sigint_finishes_the_window_saves_and_stops(tiny_cfg, monkeypatch):
         return forward(model, batch)
 
     monkeypatch.setattr(loop, "forward_loss_sum", forward_then_ctrl_c)
-    cfg = tiny_cfg("data.max_rows=20", "data.max_length=48", "train.grad_accum_steps=2", "train.sanity_eval_batches=0")
+    cfg = tiny_cfg("data.batching=pad", "data.max_rows=20", "data.max_length=48", "train.grad_accum_steps=2",
+                   "train.sanity_eval_batches=0")
     with pytest.raises(Interrupted, match="stopped by SIGINT after step 2") as err:
         run(cfg)
     out = tiny_cfg().output_dir
@@ -255,7 +257,7 @@ def test_restore_puts_back_weights_moments_and_rngs_and_catches_a_skipped_rng_lo
 
 def test_a_changed_config_is_refused_naming_each_key(reference):
     state = reference / "state" / "step-6"
-    base = [f"output_dir={reference}", "data.max_rows=20", "data.max_length=48", "train.grad_accum_steps=2",
+    base = [f"output_dir={reference}", "data.batching=pad", "data.max_rows=20", "data.max_length=48", "train.grad_accum_steps=2",
             "train.epochs=2", "train.save_every=3", "train.eval_every=100", "train.sanity_eval_batches=1"]
     check_config(state, load_config(TINY, base), 1, force=False)
     # Length, evaluation and saving cadence, and where it writes may change.
