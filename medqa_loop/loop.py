@@ -10,7 +10,8 @@ One optimizer step = one accumulation window of ``grad_accum_steps`` micro-batch
      factor ``world``; the result is exactly d(mean token loss over the window)/d(params),
      however the tokens fall into micro-batches and processes. A mean of micro-batch means
      would over-weight short answers.
-  4. clip (the pre-clip norm is logged), optimizer step, zero_grad
+  4. clip (the pre-clip norm is logged), optimizer step, zero_grad. In debug mode
+     (medqa_loop.debug) user hooks and the NaN/inf guard run just before the clip.
   5. log; every ``eval_every`` steps evaluate; at each epoch end evaluate and save the adapter
 
 We do not use ``accelerator.accumulate``: it decides when to sync from its own micro-step
@@ -29,7 +30,8 @@ from tqdm.auto import tqdm
 
 from medqa_loop.config import Config
 from medqa_loop.data import accumulation_windows, epoch_order, steps_per_epoch
-from medqa_loop.losses import target_weight, weighted_loss_sum
+from medqa_loop.debug import OFF, Debugger, schedule_warnings
+from medqa_loop.losses import target_tokens, target_weight, weighted_loss_sum
 from medqa_loop.metrics import MetricsLog, perplexity
 from medqa_loop.optim import lr_at
 
@@ -49,7 +51,7 @@ def window_counts(accelerator, batches: list[Batch]) -> torch.Tensor:
     counts = torch.tensor(
         [
             [float(target_weight(b)) for b in batches],
-            [float((b["labels"][:, 1:] != -100).sum()) for b in batches],
+            [float(target_tokens(b)) for b in batches],
             [float(b["attention_mask"].sum()) for b in batches],
             [float(len(b["input_ids"])) for b in batches],
         ],
@@ -59,11 +61,19 @@ def window_counts(accelerator, batches: list[Batch]) -> torch.Tensor:
     return accelerator.reduce(counts, reduction="sum")
 
 
-def backward_window(accelerator, model, batches: list[Batch], normaliser: torch.Tensor) -> torch.Tensor:
+def backward_window(
+    accelerator,
+    model,
+    batches: list[Batch],
+    normaliser: torch.Tensor,
+    on_micro_batch: Callable[[int, Batch, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """Forward + backward every micro-batch of one window; return the local (unscaled) loss sum.
 
     The one place the loss is scaled: by world / normaliser (see the module docstring). An
     all-masked window has a zero loss sum; the clamp keeps its gradient 0 rather than NaN.
+    ``on_micro_batch(i, batch, loss_sum)`` runs after each micro-batch's backward (the debugger
+    attributes the gradient to micro-batches there).
     """
     scale = accelerator.num_processes / normaliser.clamp(min=EPS)
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -74,6 +84,8 @@ def backward_window(accelerator, model, batches: list[Batch], normaliser: torch.
             micro_loss = forward_loss_sum(model, batch)
             accelerator.backward(micro_loss * scale.to(micro_loss.dtype))
         loss_sum += micro_loss.detach().float()
+        if on_micro_batch is not None:
+            on_micro_batch(i, batch, micro_loss.detach())
     return loss_sum
 
 
@@ -119,8 +131,12 @@ def train(
     collate_fn: Callable[[list[dict]], Batch],
     save_checkpoint: Callable[[str], object],
     log: MetricsLog,
+    debugger: Debugger = OFF,
 ) -> dict:
-    """Run the configured epochs (or ``train.max_steps``); return the last logged values."""
+    """Run the configured epochs (or ``train.max_steps``); return the last logged values.
+
+    ``debugger`` (medqa_loop.debug) sees each step at three points; the default does nothing.
+    """
     t = cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
     per_epoch = steps_per_epoch(len(train_examples), t.micro_batch_size, t.grad_accum_steps, world)
@@ -128,6 +144,8 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     # Clipping at 0 would zero every update; 0 means "don't clip" (the norm is still logged).
     clip_at = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+    for message in schedule_warnings(t, total_steps):
+        accelerator.print(f"warning: {message}")
 
     def run_eval(step: int, epoch: float, max_batches: int | None = t.eval_max_batches) -> float:
         loss = evaluate(accelerator, model, val_examples, collate_fn, t.eval_batch_size, max_batches)
@@ -159,14 +177,16 @@ def train(
                 for mb in window
             ]
             counts = window_counts(accelerator, batches)
-            loss_sum = backward_window(accelerator, model, batches, normaliser=counts[0])
+            loss_sum = backward_window(accelerator, model, batches, counts[0], debugger.watch(step + 1))
+            loss = (accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)).item()
+            # Debug mode: user hooks, and the NaN/inf guard (raises, or drops the gradients to skip).
+            debugger.before_clip(step + 1, model, batches, loss)
 
             grad_norm = accelerator.clip_grad_norm_(params, clip_at)  # returns the pre-clip norm
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            loss = (accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)).item()
             elapsed = time.perf_counter() - started
             epoch_pos = epoch + (window_index + 1) / len(windows)
             last = {
@@ -179,6 +199,7 @@ def train(
                 "tokens_per_s": counts[2].item() / elapsed,
                 "samples_per_s": counts[3].item() / elapsed,
             }
+            last.update(debugger.after_step(step, last))
             log.write(**last)
             bar.update(1)
             bar.set_postfix(

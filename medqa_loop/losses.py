@@ -37,3 +37,8 @@ def weighted_loss_sum(
 def target_weight(batch: dict) -> torch.Tensor:
     """The normaliser this batch contributes: the sum of the weights of its predicted labels."""
     return batch["loss_weights"][:, 1:].sum()
+
+
+def target_tokens(batch: dict) -> torch.Tensor:
+    """How many labels of this batch are predicted (weight aside): the count logged per step."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()

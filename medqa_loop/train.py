@@ -112,6 +112,7 @@ def build_parts(cfg: Config, overwrite: bool = False) -> Parts:
 
 def run(cfg: Config, overwrite: bool = False) -> dict:
     from medqa_loop.checkpoint import save_adapter
+    from medqa_loop.debug import build_debugger
     from medqa_loop.loop import train
     from medqa_loop.metrics import MetricsLog
 
@@ -126,6 +127,7 @@ def run(cfg: Config, overwrite: bool = False) -> dict:
         p.collate_fn,
         lambda name: save_adapter(p.accelerator, p.model, p.out / name, p.tokenizer),
         MetricsLog(p.out / "metrics.jsonl", enabled=p.accelerator.is_main_process),
+        build_debugger(cfg, p.accelerator, p.model, p.optimizer, p.out),
     )
     p.accelerator.print(f"done: {last}; adapter in {p.out / 'final'}")
     return last
