@@ -42,6 +42,7 @@ def lora_parts(tmp_path_factory):
 
     cfg = load_config(TINY, [f"output_dir={tmp_path_factory.mktemp('parts') / 'run'}", "lora.dropout=0.0"])
     parts = build_parts(cfg)
+    parts.model.train()  # from_pretrained leaves the base in eval mode; the loop trains in train mode
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in parts.model.named_parameters():
