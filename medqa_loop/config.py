@@ -69,7 +69,8 @@ class DataConfig:
     max_length: int = 1024
     prompt_template: str = "### Question:\n{input_text}\n\n### Answer:\n"
     # Name of a registered loss mask (medqa_loop.masking): "completion_only" trains on the answer
-    # and EOS; "full_sequence" is the original recipe's loss on every token (padding excluded).
+    # and EOS; "full_sequence" is the original recipe's loss on every token (padding excluded);
+    # "prompt_weighted" adds the prompt at weight 0.1. Or a mask by import path, package.module:fn.
     mask: str = "completion_only"
     # Use only the first N rows (after loading, before the split); None = all.
     max_rows: int | None = None

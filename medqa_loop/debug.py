@@ -176,6 +176,7 @@ class GradientDebugger(Debugger):
         self._noted_int8 = False
         self._watching = self._tracing = False
         self._micro = 0
+        self._skip_norm: float | None = None  # the pre-skip gradient norm of a skipped step
         # (micro-batch, module, finite?) per LoRA output (forward) and LoRA gradient (backward),
         # in the order they happened; kept as tensors so the GPU is not synced per module.
         self._act_flags: list[tuple[int, str, torch.Tensor]] = []
@@ -208,7 +209,7 @@ class GradientDebugger(Debugger):
         self._watching, self._micro = True, 0
         self._act_flags.clear()
         self._grad_flags.clear()
-        self._skip_norm: float | None = None
+        self._skip_norm = None
         # The RNG state the window's dropout draws from: what a bundle needs to redo them.
         self._rng = {
             "cpu": torch.get_rng_state(),
@@ -223,7 +224,11 @@ class GradientDebugger(Debugger):
         return self._after_micro_batch
 
     def _after_micro_batch(self, i: int, batch: Batch, micro_loss: torch.Tensor) -> None:
-        """After micro-batch i's backward: its share of the window's gradient (traced steps)."""
+        """After micro-batch i's backward: its share of the window's gradient (traced steps).
+
+        On several processes each sees its own micro-batches, and the last one's share also
+        carries the all-reduce (DDP syncs on the window's last backward).
+        """
         self._micro = i + 1
         if not (self._tracing and self.cfg.attribution):
             return

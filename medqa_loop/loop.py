@@ -199,7 +199,7 @@ def train(
                 "tokens_per_s": counts[2].item() / elapsed,
                 "samples_per_s": counts[3].item() / elapsed,
             }
-            last.update(debugger.after_step(step, last))
+            last.update(debugger.after_step(step, last))  # debug: trace line; a skip marks its step
             log.write(**last)
             bar.update(1)
             bar.set_postfix(
