@@ -77,7 +77,8 @@ class DataConfig:
     max_length: int = 1024
     prompt_template: str = "### Question:\n{input_text}\n\n### Answer:\n"
     # Name of a registered loss mask (medqa_loop.masking): "completion_only" trains on the answer
-    # and EOS; "full_sequence" is the original recipe's loss on every token (padding excluded).
+    # and EOS; "full_sequence" is the original recipe's loss on every token (padding excluded);
+    # "prompt_weighted" adds the prompt at weight 0.1. Or a mask by import path, package.module:fn.
     mask: str = "completion_only"
     # Use only the first N rows (after loading, before the split); None = all.
     max_rows: int | None = None
@@ -125,6 +126,28 @@ class TrainConfig:
 
 
 @dataclass
+class DebugConfig:
+    # Gradient debugging (medqa_loop.debug): trace, NaN/inf guard, pause hooks, snapshots.
+    # Off by default: its hooks cost a little on every step.
+    enabled: bool = False
+    # Write a <output_dir>/grad_trace.jsonl line on steps 1, 1+every, 1+2*every, ... (1 = all).
+    every: int = 1
+    # Per traced step, each micro-batch's rows, loss and gradient contribution (costs a copy of
+    # the LoRA gradients per micro-batch on traced steps only).
+    attribution: bool = True
+    # On a non-finite loss or gradient: "stop" (save a repro bundle, raise) or "skip" (drop that
+    # step's update, count it; the first skipped step still gets a bundle).
+    nan_policy: str = "stop"
+    # Optimizer steps after whose backward (before clipping) every hook in `hooks` is called.
+    pause_at: list[int] = field(default_factory=list)
+    # Hooks by import path, called as fn(step, model, batches); the default opens pdb.
+    hooks: list[str] = field(default_factory=lambda: ["medqa_loop.debug:pdb_hook"])
+    # Steps whose starting state (adapter, optimizer, RNG, window, gradients) is saved under
+    # <output_dir>/debug/step-<N>/ so that `python -m medqa_loop.replay` can recompute them.
+    snapshot_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/recipe"
     seed: int = 42
@@ -132,6 +155,7 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -268,6 +292,7 @@ def _validate(cfg: Config) -> None:
         resolve_mask(d.mask)
     except ValueError as e:
         raise ConfigError(f"config key 'data.mask': {e}") from None
+    _validate_debug(cfg.debug)
     if "{input_text}" not in d.prompt_template:
         raise ConfigError("config key 'data.prompt_template' must contain '{input_text}'")
     if m.random_init is not None:
@@ -279,6 +304,26 @@ def _validate(cfg: Config) -> None:
                 raise ConfigError(
                     f"unknown config key 'model.random_init.{key}' (not a MistralConfig field)"
                 )
+
+
+def _validate_debug(g: DebugConfig) -> None:
+    from medqa_loop.plugins import load_callable
+
+    if g.every <= 0:
+        raise ConfigError(f"config key 'debug.every' must be > 0, got {g.every!r}")
+    if g.nan_policy not in ("stop", "skip"):
+        raise ConfigError(f"config key 'debug.nan_policy' must be stop or skip, got {g.nan_policy!r}")
+    for key in ("pause_at", "snapshot_steps"):
+        steps = getattr(g, key)
+        if any(s <= 0 for s in steps):
+            raise ConfigError(f"config key 'debug.{key}' holds optimizer steps, counted from 1: {steps!r}")
+        if steps and not g.enabled:
+            raise ConfigError(f"config key 'debug.{key}' is set but debug.enabled is false")
+    for i, spec in enumerate(g.hooks):
+        try:
+            load_callable(spec, "hook")
+        except ValueError as e:
+            raise ConfigError(f"config key 'debug.hooks[{i}]': {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

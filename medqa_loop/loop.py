@@ -10,7 +10,8 @@ One optimizer step = one accumulation window of ``grad_accum_steps`` micro-batch
      factor ``world``; the result is exactly d(mean token loss over the window)/d(params),
      however the tokens fall into micro-batches and processes. A mean of micro-batch means
      would over-weight short answers.
-  4. clip (the pre-clip norm is logged), optimizer step, zero_grad
+  4. clip (the pre-clip norm is logged), optimizer step, zero_grad. In debug mode
+     (medqa_loop.debug) user hooks and the NaN/inf guard run just before the clip.
   5. log; every ``eval_every`` steps evaluate (then sample answers, if given); at each epoch end
      evaluate and save the adapter
   6. hand the position to ``after_step`` (medqa_loop.state saves a resumable training state)
@@ -32,8 +33,9 @@ from tqdm.auto import tqdm
 
 from medqa_loop.config import Config
 from medqa_loop.data import accumulation_windows, arrange_window, epoch_order, steps_per_epoch
+from medqa_loop.debug import OFF, Debugger, schedule_warnings
 from medqa_loop.distributed import zero_weight_batch
-from medqa_loop.losses import target_weight, token_accuracy_counts, weighted_loss_sum
+from medqa_loop.losses import target_tokens, target_weight, token_accuracy_counts, weighted_loss_sum
 from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity
 from medqa_loop.optim import lr_at
 from medqa_loop.state import Position
@@ -57,7 +59,7 @@ def window_counts(accelerator, batches: list[Batch]) -> torch.Tensor:
     counts = torch.tensor(
         [
             [float(target_weight(b)) for b in batches],
-            [float((b["labels"][:, 1:] != -100).sum()) for b in batches],
+            [float(target_tokens(b)) for b in batches],
             [float(b["attention_mask"].sum()) for b in batches],
             [float(len(b["rows"])) for b in batches],  # pairs, not rows: a packed row holds many
         ],
@@ -67,11 +69,19 @@ def window_counts(accelerator, batches: list[Batch]) -> torch.Tensor:
     return accelerator.reduce(counts, reduction="sum")
 
 
-def backward_window(accelerator, model, batches: list[Batch], normaliser: torch.Tensor) -> torch.Tensor:
+def backward_window(
+    accelerator,
+    model,
+    batches: list[Batch],
+    normaliser: torch.Tensor,
+    on_micro_batch: Callable[[int, Batch, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """Forward + backward every micro-batch of one window; return the local (unscaled) loss sum.
 
     The one place the loss is scaled: by world / normaliser (see the module docstring). An
     all-masked window has a zero loss sum; the clamp keeps its gradient 0 rather than NaN.
+    ``on_micro_batch(i, batch, loss_sum)`` runs after each micro-batch's backward (the debugger
+    attributes the gradient to micro-batches there).
     """
     scale = accelerator.num_processes / normaliser.clamp(min=EPS)
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -82,6 +92,8 @@ def backward_window(accelerator, model, batches: list[Batch], normaliser: torch.
             micro_loss = forward_loss_sum(model, batch)
             accelerator.backward(micro_loss * scale.to(micro_loss.dtype))
         loss_sum += micro_loss.detach().float()
+        if on_micro_batch is not None:
+            on_micro_batch(i, batch, micro_loss.detach())
     return loss_sum
 
 
@@ -144,6 +156,7 @@ def train(
     sample_answers: Callable[[int], object] | None = None,
     start: Position = Position(),
     after_step: Callable[[int, int, int, int, bool], None] | None = None,
+    debugger: Debugger = OFF,
 ) -> dict:
     """Run the configured epochs (or ``train.max_steps``); return the last logged values.
 
@@ -152,6 +165,7 @@ def train(
     the windows before it are skipped, not replayed, since the data order is a pure function of
     (seed, epoch). ``after_step(step, epoch, windows_done, windows_in_epoch, last)`` runs after
     every step; it may raise to stop the run (state.Interrupted).
+    ``debugger`` (medqa_loop.debug) sees each step at three points; the default does nothing.
     """
     t = cfg.train
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -161,6 +175,8 @@ def train(
     lengths = [len(e["input_ids"]) for e in train_examples]
     # Clipping at 0 would zero every update; 0 means "don't clip" (the norm is still logged).
     clip_at = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+    for message in schedule_warnings(t, total_steps):
+        accelerator.print(f"warning: {message}")
 
     def run_eval(step: int, epoch: float, max_batches: int | None = t.eval_max_batches) -> float:
         r = evaluate(accelerator, model, val_examples, collate_fn, t.eval_batch_size, max_batches)
@@ -203,14 +219,16 @@ def train(
             counts = window_counts(accelerator, batches)
             if not batches:  # no share of an epoch's short last window; it must still join DDP
                 batches = [zero_weight_batch(train_examples[0], collate_fn, accelerator.device)]
-            loss_sum = backward_window(accelerator, model, batches, normaliser=counts[0])
+            loss_sum = backward_window(accelerator, model, batches, counts[0], debugger.watch(step + 1))
+            loss = (accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)).item()
+            # Debug mode: user hooks, and the NaN/inf guard (raises, or drops the gradients to skip).
+            debugger.before_clip(step + 1, model, batches, loss)
 
             grad_norm = accelerator.clip_grad_norm_(params, clip_at)  # returns the pre-clip norm
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            loss = (accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)).item()
             elapsed = time.perf_counter() - started
             epoch_pos = epoch + (window_index + 1) / len(windows)
             last = {
@@ -226,6 +244,7 @@ def train(
             }
             if (peak := peak_memory_gb(accelerator.device)) is not None:
                 last["peak_gb"] = peak
+            last.update(debugger.after_step(step, last))  # debug: trace line; a skip marks its step
             log.write(**last)
             bar.update(1)
             bar.set_postfix(

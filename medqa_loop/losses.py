@@ -63,3 +63,8 @@ def token_accuracy_counts(
     counted = (targets != IGNORE_INDEX) & (weights[:, 1:] > 0)
     correct = (logits[:, :-1].argmax(dim=-1) == targets) & counted
     return correct.sum(), counted.sum()
+
+
+def target_tokens(batch: dict) -> torch.Tensor:
+    """How many labels of this batch are predicted (weight aside): the count logged per step."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()

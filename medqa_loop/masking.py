@@ -1,10 +1,11 @@
 """Loss masks: which tokens of a tokenized pair the loss trains on, and with what weight.
 
-A mask is a function ``mask(example: MaskInput) -> list[float]`` returning one weight per token
-of the unpadded sequence. Weight 0 drops a token from the loss (its label becomes -100); any
-positive weight scales that token's loss, and the window's loss is divided by the sum of the
-weights, so a 0/1 mask gives the plain mean over target tokens. Padding never reaches a mask: the
-collator gives pad positions weight 0.
+A mask is a function ``mask(example: MaskInput) -> list[float]`` (or ``list[bool]``) returning one
+weight per token of the unpadded sequence. Weight 0 drops a token from the loss (its label
+becomes -100); any positive weight scales that token's loss, and the window's loss is divided by
+the sum of the weights, so a 0/1 mask gives the plain mean over target tokens and multiplying a
+mask by a constant changes nothing. Padding never reaches a mask (a mask sees the unpadded pair,
+so it has no pad positions): the collator gives pad positions weight 0.
 
 Register your own with ``@register_mask("name")`` and select it with ``data.mask: name``, or
 point ``data.mask`` at ``package.module:function`` without registering.
@@ -15,9 +16,10 @@ Weight i belongs to the *label* at position i, i.e. how much predicting token i 
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
+
+from medqa_loop.plugins import load_callable
 
 
 @dataclass(frozen=True)
@@ -56,20 +58,25 @@ def full_sequence(ex: MaskInput) -> list[float]:
     return [1.0] * len(ex.input_ids)
 
 
+# The weight of each prompt token under "prompt_weighted": enough for the model to keep modelling
+# medical questions, small enough that the answer dominates (cf. OpenAI's former
+# prompt_loss_weight, default 0.01, and Huerta-Enochian 2024 on small prompt-loss weights).
+PROMPT_WEIGHT = 0.1
+
+
+@register_mask("prompt_weighted")
+def prompt_weighted(ex: MaskInput) -> list[float]:
+    """Answer and EOS at weight 1, prompt tokens at PROMPT_WEIGHT (a weighted full_sequence)."""
+    return [PROMPT_WEIGHT] * ex.prompt_len + [1.0] * (len(ex.input_ids) - ex.prompt_len)
+
+
 def resolve_mask(spec: str) -> MaskFn:
     """A registered name, or ``package.module:function``. Raises ValueError naming the spec."""
     if spec in MASKS:
         return MASKS[spec]
     if ":" not in spec:
         raise ValueError(f"unknown mask {spec!r}: registered masks are {sorted(MASKS)}")
-    module_name, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import mask {spec!r}: {e}") from None
-    if not callable(fn):
-        raise ValueError(f"mask {spec!r} is not callable")
-    return fn
+    return load_callable(spec, "mask")
 
 
 def apply_mask(fn: MaskFn, ex: MaskInput) -> list[float]:

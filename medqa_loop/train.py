@@ -148,6 +148,7 @@ def run(
 ) -> dict:
     from medqa_loop.checkpoint import save_adapter
     from medqa_loop.generate import eval_sampler
+    from medqa_loop.debug import build_debugger
     from medqa_loop.loop import train
     from medqa_loop.metrics import MetricsLog
     from medqa_loop.state import StateSaver, examples_digest
@@ -173,6 +174,7 @@ def run(
             ),
             start=p.start,
             after_step=saver.after_step,
+            debugger=build_debugger(cfg, p.accelerator, p.model, p.optimizer, p.out),
         )
     p.accelerator.print(f"done: {last}; adapter in {p.out / 'final'}")
     return last

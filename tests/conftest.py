@@ -44,3 +44,24 @@ def trained_run(tmp_path_factory):
     ])
     run(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def lora_parts(tmp_path_factory):
+    """(cfg, parts) of the tiny config with LoRA dropout off and LoRA B filled with seeded
+    N(0, 0.02), so every LoRA gradient is non-zero and repeatable: for gradient comparisons.
+    Built once per session; tests must leave its weights as they found them."""
+    import torch
+
+    from medqa_loop.config import load_config
+    from medqa_loop.train import build_parts
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path_factory.mktemp('parts') / 'run'}", "lora.dropout=0.0"])
+    parts = build_parts(cfg)
+    parts.model.train()  # from_pretrained leaves the base in eval mode; the loop trains in train mode
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in parts.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return cfg, parts

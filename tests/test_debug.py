@@ -1,0 +1,348 @@
+"""Gradient debugging on the tiny 8-bit model: grad_trace.jsonl, attribution, the NaN/inf guard,
+pause hooks, snapshots and bitwise replay, 8-bit outlier counts, schedule warnings, the plot."""
+
+import contextlib
+import io
+import json
+import math
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import user_plugins
+from conftest import TINY
+from medqa_loop.config import ConfigError, load_config
+from medqa_loop.data import accumulation_windows, epoch_order, load_pairs, split_pairs
+from medqa_loop.debug import GradientDebugger, Int8Outliers, NonFiniteError, module_name, schedule_warnings
+from medqa_loop.loop import backward_window, forward_loss_sum, window_counts
+from medqa_loop.losses import target_weight
+from medqa_loop.metrics import read_metrics
+from medqa_loop.replay import bitwise_equal, replay
+from medqa_loop.train import run
+
+MODULE = re.compile(r"layers\.[01]\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.lora_[AB]")
+
+
+def window_rows(cfg, step: int) -> list[list[int]]:
+    """Dataset rows of each micro-batch of optimizer step ``step`` (one process, epoch 0)."""
+    train_pairs, _ = split_pairs(load_pairs(cfg.data), cfg.data.val_fraction, cfg.seed)
+    t = cfg.train
+    window = accumulation_windows(epoch_order(len(train_pairs), cfg.seed, 0), t.micro_batch_size, t.grad_accum_steps)[step - 1]
+    return [[train_pairs.rows[i] for i in mb] for mb in window]
+
+
+def steps_of(out):
+    return {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def adapter_weights(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def traced_run(tmp_path_factory):
+    """Two traced steps (dropout on), snapshots before both, a recording hook at step 2, a clip
+    threshold low enough that both steps are clipped."""
+    out = tmp_path_factory.mktemp("traced") / "run"
+    cfg = load_config(TINY, [
+        f"output_dir={out}", "train.max_steps=2", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
+        "train.max_grad_norm=0.1", "debug.enabled=true", "debug.snapshot_steps=[1, 2]",
+        "debug.pause_at=[2]", "debug.hooks=[user_plugins:record]",
+    ])
+    user_plugins.CALLS.clear()
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        run(cfg)
+    return cfg, out, stdout.getvalue(), list(user_plugins.CALLS)
+
+
+def test_grad_trace_has_one_line_per_step_with_the_issue_keys(traced_run):
+    cfg, out, _, _ = traced_run
+    trace = read_metrics(out / "grad_trace.jsonl")
+    metrics = steps_of(out)
+    assert [t["step"] for t in trace] == [1, 2]
+    for t in trace:
+        m = metrics[t["step"]]
+        assert {"step", "loss", "target_tokens", "lr", "grad_norm", "clip_coef", "modules"} <= t.keys()
+        assert (t["loss"], t["target_tokens"], t["lr"], t["grad_norm"]) == (m["loss"], m["target_tokens"], m["lr"], m["grad_norm"])
+        assert len(t["modules"]) == 28 and all(MODULE.fullmatch(name) for name in t["modules"])
+        assert set(t["modules"]["layers.0.mlp.up_proj.lora_A"]) == {"grad_norm", "weight_norm", "update_ratio"}
+        # The per-module norms are the pieces of the global pre-clip norm, and clipping really cut it.
+        parts = math.sqrt(sum(v["grad_norm"] ** 2 for v in t["modules"].values()))
+        assert parts == pytest.approx(t["grad_norm"], rel=1e-5)
+        assert t["clip_coef"] == pytest.approx(0.1 / (t["grad_norm"] + 1e-6)) and t["clip_coef"] < 1
+
+
+def test_weight_norm_and_update_ratio_match_the_saved_adapters(traced_run):
+    """Snapshots before steps 1 and 2 bracket step 1's update: ratio = |W2 - W1| / |W1|."""
+    _, out, _, _ = traced_run
+    first, second = read_metrics(out / "grad_trace.jsonl")
+    w1, w2 = adapter_weights(out / "debug/step-1/adapter"), adapter_weights(out / "debug/step-2/adapter")
+    by_module = {module_name(k): k for k in w1}
+    for name, stats in first["modules"].items():
+        before, after = w1[by_module[name]], w2[by_module[name]]
+        assert stats["weight_norm"] == pytest.approx(float(before.norm()), rel=1e-6)
+        assert second["modules"][name]["weight_norm"] == pytest.approx(float(after.norm()), rel=1e-6)
+        if name.endswith("lora_B"):  # B starts at 0: no ratio at step 1, a real one at step 2
+            assert stats["weight_norm"] == 0 and stats["update_ratio"] is None
+            assert second["modules"][name]["update_ratio"] > 0
+        else:
+            assert stats["update_ratio"] == pytest.approx(float((after - before).norm() / before.norm()), rel=1e-5)
+
+
+def test_attribution_names_the_window_rows_and_adds_up(traced_run):
+    cfg, out, _, _ = traced_run
+    for t in read_metrics(out / "grad_trace.jsonl"):
+        micro = t["micro_batches"]
+        assert [mb["rows"] for mb in micro] == window_rows(cfg, t["step"])
+        assert sum(mb["target_tokens"] for mb in micro) == t["target_tokens"]
+        # completion_only: weights are 1, so the window loss is the token-weighted mean of theirs.
+        mean = sum(mb["loss"] * mb["target_tokens"] for mb in micro) / t["target_tokens"]
+        assert mean == pytest.approx(t["loss"], rel=1e-6)
+        # Contributions add up to the gradient: their norms bound it (triangle inequality).
+        assert sum(mb["grad_norm"] for mb in micro) >= t["grad_norm"] * (1 - 1e-6)
+
+
+def test_attribution_is_each_micro_batch_gradient(lora_parts, tmp_path):
+    """Each reported contribution equals the gradient of that micro-batch alone (same normaliser)."""
+    cfg, parts = lora_parts
+    acc, model = parts.accelerator, parts.model
+    batches = [parts.collate_fn(parts.train_examples[i : i + 2]) for i in (0, 2, 4)]
+    normaliser = window_counts(acc, batches)[0]
+    debugger = GradientDebugger(load_config(TINY, ["debug.enabled=true"]), acc, model, parts.optimizer, tmp_path)
+    try:
+        model.zero_grad(set_to_none=True)
+        loss_sum = backward_window(acc, model, batches, normaliser, debugger.watch(1))
+        loss = float(loss_sum / normaliser)
+        debugger.before_clip(1, model, batches, loss)
+        debugger.after_step(1, {"loss": loss, "lr": 0.0, "grad_norm": 0.0, "target_tokens": 0})
+    finally:
+        debugger.close()
+    reported = debugger.last_trace["micro_batches"]
+    for mb, batch in zip(reported, batches):
+        model.zero_grad(set_to_none=True)
+        backward_window(acc, model, [batch], normaliser)
+        alone = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+        assert mb["grad_norm"] == pytest.approx(float(alone), rel=1e-5)
+        assert mb["rows"] == batch["rows"].tolist()
+        with torch.no_grad():
+            assert mb["loss"] == pytest.approx(float(forward_loss_sum(model, batch) / target_weight(batch)), rel=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
+def test_pause_hook_gets_step_model_and_window_after_backward_before_clipping(traced_run):
+    cfg, out, _, calls = traced_run
+    trace = {t["step"]: t for t in read_metrics(out / "grad_trace.jsonl")}
+    assert [c["step"] for c in calls] == [2]  # only at debug.pause_at
+    assert calls[0]["rows"] == window_rows(cfg, 2)
+    # The norm the hook saw is the pre-clip one (clipping then scaled it by clip_coef < 1).
+    assert calls[0]["grad_norm"] == pytest.approx(trace[2]["grad_norm"], rel=1e-6)
+
+
+def test_replay_from_a_snapshot_is_bitwise_equal_on_cpu(traced_run, capsys):
+    """Replay step 2 (dropout 0.1: the RNG state matters) from its snapshot: the gradients equal
+    the run's bit for bit and the per-module table equals the run's grad_trace line."""
+    from medqa_loop.replay import main
+
+    cfg, out, _, _ = traced_run
+    main(["--run", str(out), "--step", "2"])
+    printed = capsys.readouterr().out
+    assert re.search(r"gradients bitwise equal to the run's \(.*step-2/grads.safetensors\): yes", printed)
+    assert "per-module table equal to the run's grad_trace.jsonl line: yes" in printed
+    assert "layers.1.mlp.down_proj.lora_B" in printed
+
+    r = replay(out, 2)
+    assert r.bitwise_equal is True
+    assert bitwise_equal(r.grads, load_file(out / "debug/step-2/grads.safetensors"))
+    assert r.trace == read_metrics(out / "grad_trace.jsonl")[1]  # modules, micro-batches, loss, lr, clip
+    # The check can fail: other dropout masks give another gradient.
+    fresh = replay(out, 2, fresh_dropout=True)
+    assert fresh.bitwise_equal is False and fresh.trace["modules"] != r.trace["modules"]
+
+
+def test_replay_without_a_checkpoint_says_how_to_get_one(traced_run):
+    _, out, _, _ = traced_run
+    with pytest.raises(ValueError, match=r"before step 3.*steps \[1, 2\].*snapshot_steps=\[3\]"):
+        replay(out, 3)
+
+
+def test_schedule_warning_printed_before_training(traced_run):
+    _, _, stdout, _ = traced_run
+    assert "warning: train.warmup_steps=5 is not shorter than the run's 2 optimizer steps" in stdout
+
+
+def test_schedule_warnings_thresholds():
+    from medqa_loop.config import TrainConfig
+
+    assert schedule_warnings(TrainConfig(), 651) == []  # the recipe: 100 warmup, eval every 50
+    assert any("never reaches" in w for w in schedule_warnings(TrainConfig(), 100))
+    assert any("31%" in w for w in schedule_warnings(TrainConfig(warmup_steps=200), 651))
+    evals = schedule_warnings(TrainConfig(warmup_steps=0, eval_every=50), 60)
+    assert len(evals) == 1 and "evaluates 1 time(s) in the run's 60 optimizer steps" in evals[0]
+
+
+def test_plot_of_a_run(traced_run):
+    import matplotlib.image
+
+    from medqa_loop.plot import plot_run
+
+    _, out, _, _ = traced_run
+    path, fig = plot_run(out)
+    assert path == out / "training.png" and matplotlib.image.imread(path).shape[:2] == (1000, 800)
+    loss_ax, lr_ax, norm_ax, clip_ax = fig.axes
+    steps = list(steps_of(out).values())
+    trace = read_metrics(out / "grad_trace.jsonl")
+    assert list(loss_ax.lines[0].get_ydata()) == [r["loss"] for r in steps]
+    assert list(lr_ax.lines[0].get_ydata()) == [r["lr"] for r in steps]
+    assert list(norm_ax.lines[0].get_ydata()) == [r["grad_norm"] for r in steps]
+    assert list(clip_ax.lines[0].get_ydata()) == pytest.approx([t["clip_coef"] for t in trace])
+
+
+def test_guard_names_the_first_lora_gradient_to_go_non_finite(lora_parts, tmp_path):
+    """A NaN injected into the gradient flowing into layer 0's o_proj, in micro-batch 1 only:
+    the loss stays finite, layer 1 and layer 0's MLP stay finite, and the guard names
+    layers.0.self_attn.o_proj.lora_B (backward order) and saves a bundle."""
+    cfg, parts = lora_parts
+    acc, model = parts.accelerator, parts.model
+    batches = [parts.collate_fn(parts.train_examples[0:2]), parts.collate_fn(parts.train_examples[2:3])]
+    target = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.o_proj"))
+
+    def inject(module, args, output):
+        if output.shape[0] == 1 and output.requires_grad:  # micro-batch 1 holds one pair
+            output.register_hook(lambda g: g * float("nan"))
+
+    handle = target.register_forward_hook(inject)
+    debugger = GradientDebugger(load_config(TINY, ["debug.enabled=true"]), acc, model, parts.optimizer, tmp_path)
+    try:
+        model.zero_grad(set_to_none=True)
+        normaliser = window_counts(acc, batches)[0]
+        rng = torch.get_rng_state()  # what the window's dropout would draw from
+        loss = float(backward_window(acc, model, batches, normaliser, debugger.watch(7)) / normaliser)
+        assert math.isfinite(loss)
+        with pytest.raises(NonFiniteError) as err:
+            debugger.before_clip(7, model, batches, loss)
+    finally:
+        handle.remove()
+        debugger.close()
+    message = str(err.value)
+    rows = batches[1]["rows"].tolist()
+    assert f"(backward): layers.0.self_attn.o_proj.lora_B in micro-batch 1, rows {rows}" in message
+    assert "(forward)" not in message and str(tmp_path / "debug" / "step-7") in message
+
+    bundle = tmp_path / "debug" / "step-7"
+    window = json.loads((bundle / "window.json").read_text())
+    assert window["nonfinite"]["backward"] == {"module": "layers.0.self_attn.o_proj.lora_B", "micro_batch": 1, "rows": rows}
+    for saved, batch in zip(window["micro_batches"], batches):
+        assert saved["rows"] == batch["rows"].tolist()
+        assert saved["input_ids"] == [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"], batch["attention_mask"])]
+    grads = load_file(bundle / "grads.safetensors")
+    assert not torch.isfinite(grads["layers.0.self_attn.o_proj.lora_B"]).all()
+    assert all(torch.isfinite(g).all() for name, g in grads.items() if name.startswith(("layers.1", "layers.0.mlp")))
+    state = torch.load(bundle / "state.pt", weights_only=True)
+    assert state["step"] == 7 and torch.equal(state["rng"]["cpu"], rng)
+    assert (bundle / "adapter" / "adapter_model.safetensors").is_file()
+    model.zero_grad(set_to_none=True)
+
+
+def test_non_finite_weight_stops_the_run_with_a_bundle_that_replays(tmp_path):
+    """A hook poisons a LoRA weight after step 1's backward; step 2's forward goes NaN at that
+    module. The run stops before step 2's optimizer step, naming it, and the bundle replays the
+    same NaN gradients bit for bit."""
+    out = tmp_path / "run"
+    cfg = load_config(TINY, [
+        f"output_dir={out}", "train.max_steps=3", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
+        "debug.enabled=true", "debug.every=10", "debug.pause_at=[1]", "debug.hooks=[user_plugins:poison_weight]",
+    ])
+    with pytest.raises(NonFiniteError) as err:
+        run(cfg)
+    message = str(err.value)
+    assert "at step 2" in message and "(forward): layers.0.self_attn.o_proj in micro-batch 0" in message
+    assert f"{out / 'debug' / 'step-2'}" in message and "--step 2" in message
+    assert list(steps_of(out)) == [1] and not (out / "final").exists()
+    state = torch.load(out / "debug/step-2/state.pt", weights_only=True)
+    assert all(int(s["step"]) == 1 for s in state["optimizer"]["state"].values())  # step 2 never applied
+
+    r = replay(out, 2)
+    assert r.bitwise_equal is True and math.isnan(r.trace["loss"])
+    assert not math.isfinite(r.trace["modules"]["layers.0.self_attn.o_proj.lora_A"]["grad_norm"])
+
+
+def test_skip_policy_drops_the_update_and_counts_it(tmp_path):
+    out = tmp_path / "run"
+    cfg = load_config(TINY, [
+        f"output_dir={out}", "train.max_steps=2", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
+        "debug.enabled=true", "debug.nan_policy=skip", "debug.snapshot_steps=[1, 2]",
+        "debug.pause_at=[1]", "debug.hooks=[user_plugins:poison_grad]",
+    ])
+    last = run(cfg)
+    metrics = steps_of(out)
+    assert last["step"] == 2 and metrics[1]["skipped_nonfinite"] == 1 and math.isnan(metrics[1]["grad_norm"])
+    assert "skipped_nonfinite" not in metrics[2] and math.isfinite(metrics[2]["grad_norm"])
+    trace = {t["step"]: t for t in read_metrics(out / "grad_trace.jsonl")}
+    assert trace[1]["skipped"] and trace[1]["clip_coef"] == 0.0 and "skipped" not in trace[2]
+    # Step 1 changed nothing (no update, no weight decay, no optimizer state); step 2 trained.
+    w1, w2 = adapter_weights(out / "debug/step-1/adapter"), adapter_weights(out / "debug/step-2/adapter")
+    assert bitwise_equal(w1, w2)
+    assert torch.load(out / "debug/step-2/state.pt", weights_only=True)["optimizer"]["state"] == {}
+    assert not bitwise_equal(w2, adapter_weights(out / "final"))
+    # The bundle of the skipped step says the gradient went bad after backward (the hook).
+    info = json.loads((out / "debug/step-1/window.json").read_text())["nonfinite"]
+    assert info["backward"] == {"module": "layers.0.mlp.up_proj.lora_B", "micro_batch": None, "rows": None}
+
+
+def test_int8_outlier_columns_are_those_llm_int8_splits_off(lora_parts):
+    """Eval mode on the CPU runs bitsandbytes' LLM.int8 path: the recorded columns are exactly the
+    input columns with |x| >= threshold in fp16. CPU training takes no such path: nothing recorded."""
+    from medqa_loop.model import is_int8_linear
+
+    cfg, parts = lora_parts
+    model = parts.model
+    batch = parts.collate_fn(parts.train_examples[:4])
+    expected, handles = {}, []
+    for name, module in model.named_modules():
+        if is_int8_linear(module):
+            def count(mod, args, name=module_name(name)):
+                x = args[0].reshape(-1, args[0].shape[-1]).half()
+                expected[name] = int((x.abs() >= cfg.model.llm_int8_threshold).any(dim=0).sum())
+            handles.append(module.register_forward_pre_hook(count))
+    outliers = Int8Outliers(model)
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            seen, wanted = outliers.counts(), dict(expected)
+            outliers.reset()
+            model.train()
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        model.train()
+        outliers.remove()
+        for h in handles:
+            h.remove()
+    assert len(seen) == 14 and seen == wanted and max(seen.values()) > 0
+    assert outliers.counts() == {}
+
+
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("debug.every=0", ["debug.every"]),
+        ("debug.nan_policy=ignore", ["debug.nan_policy", "stop or skip"]),
+        ("debug.pause_at=[0]", ["debug.pause_at", "from 1"]),
+        ("debug.hooks=[user_plugins:nope]", ["debug.hooks[0]", "user_plugins:nope"]),
+        ("debug.hooks=[no_such_module:f]", ["debug.hooks[0]", "no_such_module"]),
+        ("debug.hooks=[print]", ["debug.hooks[0]", "package.module:function"]),
+    ],
+)
+def test_bad_debug_config_names_the_key(override, names):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["debug.enabled=true", override])
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_debug_options_need_debug_enabled():
+    with pytest.raises(ConfigError, match="debug.snapshot_steps.*debug.enabled is false"):
+        load_config(TINY, ["debug.snapshot_steps=[3]"])
