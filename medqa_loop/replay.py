@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from medqa_loop.config import Config, ConfigError, DebugConfig, config_from_dict
-from medqa_loop.data import DataError, accumulation_windows, epoch_order, load_pairs, split_pairs, steps_per_epoch
+from medqa_loop.data import DataError, accumulation_windows, arrange_window, epoch_order, load_pairs, split_pairs, steps_per_epoch
 from medqa_loop.debug import GradientDebugger, format_table
 from medqa_loop.metrics import read_metrics
 from medqa_loop.model import ModelLoadError
@@ -133,6 +133,9 @@ def replay(run_dir: str | Path, step: int, checkpoint: str | Path | None = None,
     missing = [k for k in loaded.missing_keys if "lora_" in k]
     if missing or loaded.unexpected_keys:
         raise ValueError(f"adapter {adapter} does not fit the run's model: missing {missing[:3]}, unexpected {loaded.unexpected_keys[:3]}")
+    # The micro-batches the loop ran: the same regrouping (packing, length grouping) as loop.train.
+    lengths = [len(e["input_ids"]) for e in parts.train_examples]
+    window = arrange_window(window, lengths, cfg.data.batching, t.micro_batch_size, cfg.data.pack_tokens)
     rows = [[parts.train_examples[i]["row"] for i in mb] for mb in window]
     if (source / "window.json").is_file():
         saved = [mb["rows"] for mb in json.loads((source / "window.json").read_text())["micro_batches"]]

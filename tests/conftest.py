@@ -56,7 +56,10 @@ def lora_parts(tmp_path_factory):
     from medqa_loop.config import load_config
     from medqa_loop.train import build_parts
 
-    cfg = load_config(TINY, [f"output_dir={tmp_path_factory.mktemp('parts') / 'run'}", "lora.dropout=0.0"])
+    # bitsandbytes' LLM.int8 matmul (the path with per-batch outlier columns) and padded batches:
+    # what the gradient-debugging and self-test comparisons examine.
+    cfg = load_config(TINY, [f"output_dir={tmp_path_factory.mktemp('parts') / 'run'}", "lora.dropout=0.0",
+                             "model.int8_matmul=bnb", "data.batching=pad"])
     parts = build_parts(cfg)
     parts.model.train()  # from_pretrained leaves the base in eval mode; the loop trains in train mode
     gen = torch.Generator().manual_seed(0)

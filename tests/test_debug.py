@@ -47,7 +47,7 @@ def traced_run(tmp_path_factory):
     threshold low enough that both steps are clipped."""
     out = tmp_path_factory.mktemp("traced") / "run"
     cfg = load_config(TINY, [
-        f"output_dir={out}", "train.max_steps=2", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
+        f"output_dir={out}", "data.batching=pad", "train.max_steps=2", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
         "train.max_grad_norm=0.1", "debug.enabled=true", "debug.snapshot_steps=[1, 2]",
         "debug.pause_at=[2]", "debug.hooks=[user_plugins:record]",
     ])
@@ -252,7 +252,7 @@ def test_non_finite_weight_stops_the_run_with_a_bundle_that_replays(tmp_path):
     same NaN gradients bit for bit."""
     out = tmp_path / "run"
     cfg = load_config(TINY, [
-        f"output_dir={out}", "train.max_steps=3", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
+        f"output_dir={out}", "data.batching=pad", "train.max_steps=3", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
         "debug.enabled=true", "debug.every=10", "debug.pause_at=[1]", "debug.hooks=[user_plugins:poison_weight]",
     ])
     with pytest.raises(NonFiniteError) as err:
@@ -272,7 +272,7 @@ def test_non_finite_weight_stops_the_run_with_a_bundle_that_replays(tmp_path):
 def test_skip_policy_drops_the_update_and_counts_it(tmp_path):
     out = tmp_path / "run"
     cfg = load_config(TINY, [
-        f"output_dir={out}", "train.max_steps=2", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
+        f"output_dir={out}", "data.batching=pad", "train.max_steps=2", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
         "debug.enabled=true", "debug.nan_policy=skip", "debug.snapshot_steps=[1, 2]",
         "debug.pause_at=[1]", "debug.hooks=[user_plugins:poison_grad]",
     ])

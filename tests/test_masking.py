@@ -123,7 +123,7 @@ def test_readme_mask_example_runs_through_the_real_loop(tiny_cfg, tmp_path, monk
     (tmp_path / "readme_masks.py").write_text(code)
     monkeypatch.syspath_prepend(str(tmp_path))
     name = re.search(r"def (\w+)\(", code).group(1)
-    cfg = tiny_cfg(f"data.mask=readme_masks:{name}", "lora.dropout=0.0", "train.max_steps=1", "train.sanity_eval_batches=0")
+    cfg = tiny_cfg(f"data.mask=readme_masks:{name}", "data.batching=pad", "lora.dropout=0.0", "train.max_steps=1", "train.sanity_eval_batches=0")
     parts = build_parts(cfg)
 
     t = cfg.train
