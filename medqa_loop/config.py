@@ -264,29 +264,22 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction!r}")
     if not 0.0 <= lo.dropout < 1.0:
         raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {lo.dropout!r}")
-    if d.bad_rows not in ("error", "skip"):
-        raise ConfigError(f"config key 'data.bad_rows' must be error or skip, got {d.bad_rows!r}")
     if not lo.target_modules:
         raise ConfigError("config key 'lora.target_modules' must name at least one module")
-    if d.batching not in ("pack", "group_by_length", "pad"):
-        raise ConfigError(
-            f"config key 'data.batching' must be pack, group_by_length or pad, got {d.batching!r}"
-        )
+    for key, value, allowed in (
+        ("data.bad_rows", d.bad_rows, ("error", "skip")),
+        ("data.batching", d.batching, ("pack", "group_by_length", "pad")),
+        ("model.int8_matmul", m.int8_matmul, ("dequant", "bnb")),
+        ("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flex_attention")),
+        ("model.dtype", m.dtype, ("float32", "bfloat16", "float16")),
+        ("debug.nan_policy", cfg.debug.nan_policy, ("stop", "skip")),
+    ):
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
     if d.batching == "pack" and d.pack_tokens < d.max_length:
         raise ConfigError(
             f"config key 'data.pack_tokens' ({d.pack_tokens}) must be >= data.max_length "
             f"({d.max_length}) so that every pair fits a row"
-        )
-    if m.int8_matmul not in ("dequant", "bnb"):
-        raise ConfigError(f"config key 'model.int8_matmul' must be dequant or bnb, got {m.int8_matmul!r}")
-    if m.attn_implementation not in ("sdpa", "eager", "flex_attention"):
-        raise ConfigError(
-            "config key 'model.attn_implementation' must be sdpa, eager or flex_attention, "
-            f"got {m.attn_implementation!r}"
-        )
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(
-            f"config key 'model.dtype' must be float32, bfloat16 or float16, got {m.dtype!r}"
         )
     try:
         resolve_mask(d.mask)
@@ -311,8 +304,6 @@ def _validate_debug(g: DebugConfig) -> None:
 
     if g.every <= 0:
         raise ConfigError(f"config key 'debug.every' must be > 0, got {g.every!r}")
-    if g.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"config key 'debug.nan_policy' must be stop or skip, got {g.nan_policy!r}")
     for key in ("pause_at", "snapshot_steps"):
         steps = getattr(g, key)
         if any(s <= 0 for s in steps):

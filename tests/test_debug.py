@@ -329,7 +329,7 @@ def test_int8_outlier_columns_are_those_llm_int8_splits_off(lora_parts):
     "override, names",
     [
         ("debug.every=0", ["debug.every"]),
-        ("debug.nan_policy=ignore", ["debug.nan_policy", "stop or skip"]),
+        ("debug.nan_policy=ignore", ["debug.nan_policy", "stop, skip"]),
         ("debug.pause_at=[0]", ["debug.pause_at", "from 1"]),
         ("debug.hooks=[user_plugins:nope]", ["debug.hooks[0]", "user_plugins:nope"]),
         ("debug.hooks=[no_such_module:f]", ["debug.hooks[0]", "no_such_module"]),
