@@ -204,5 +204,5 @@ def test_new_keys_default_and_load():
     assert (cfg.train.save_every, cfg.data.bad_rows, cfg.train.keep_states) == (None, "skip", 1)
     default = load_config()
     assert (default.train.save_every, default.train.keep_states, default.data.bad_rows) == (50, 2, "error")
-    with pytest.raises(ConfigError, match="data.bad_rows' must be error or skip"):
+    with pytest.raises(ConfigError, match="data.bad_rows' must be one of error, skip"):
         load_config(TINY, ["data.bad_rows=Skip"])
