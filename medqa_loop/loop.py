@@ -44,13 +44,16 @@ Batch = dict[str, torch.Tensor]
 EPS = 1e-8  # floor of the loss normaliser: an all-masked window must not divide by 0
 
 
+def model_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits of a padded or packed batch (data.collate makes both)."""
+    if "position_ids" in batch:  # packed: the position restarts define the attention blocks
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
 def forward_loss_sum(model, batch: Batch) -> torch.Tensor:
     """Sum of weighted token losses of one batch (no normalisation: the caller divides once)."""
-    if "position_ids" in batch:  # packed: the position restarts define the attention blocks
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return weighted_loss_sum(logits, batch["labels"], batch["loss_weights"])
+    return weighted_loss_sum(model_logits(model, batch), batch["labels"], batch["loss_weights"])
 
 
 def window_counts(accelerator, batches: list[Batch]) -> torch.Tensor:
@@ -129,7 +132,7 @@ def evaluate(
     try:
         for i in range(0, len(mine), batch_size):
             batch = {k: v.to(accelerator.device) for k, v in collate_fn(mine[i : i + batch_size]).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model_logits(model, batch)
             totals[0] += weighted_loss_sum(logits, batch["labels"], batch["loss_weights"]).float()
             totals[1] += target_weight(batch)
             correct, counted = token_accuracy_counts(logits, batch["labels"], batch["loss_weights"])

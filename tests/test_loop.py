@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from medqa_loop.checkpoint import save_adapter
-from medqa_loop.loop import backward_window, evaluate, train, window_counts
+from medqa_loop.loop import backward_window, evaluate, model_logits, train, window_counts
 from medqa_loop.metrics import MetricsLog, read_metrics
 from medqa_loop.model import is_int8_linear, load_base
 from medqa_loop.train import build_parts, run
@@ -114,8 +114,8 @@ def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg):
     parts.model.eval()
     batch = parts.collate_fn(parts.val_examples[:3])
     with torch.no_grad():
-        want = parts.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want = model_logits(parts.model, batch)
+        got = model_logits(reloaded, batch)
     assert torch.equal(got, want)
     result = evaluate(parts.accelerator, reloaded, parts.val_examples, parts.collate_fn, 4)
     assert result.loss == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)

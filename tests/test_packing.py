@@ -43,6 +43,15 @@ def test_packed_row_equals_pairs_alone_and_pairs_do_not_interact(tiny_cfg, overr
     moved = per_pair_losses(model, collate([exs[0], scrambled, *exs[2:]], pad_id=2, packed=True), sizes)
     assert not torch.allclose(moved[1], got[1])
     assert torch.allclose(moved[[0, 2, 3]], got[[0, 2, 3]], rtol=1e-6)
+    # Evaluation on packed batches equals evaluation on padded ones.
+    from functools import partial
+
+    from medqa_loop.loop import evaluate
+
+    packed_eval = evaluate(parts.accelerator, model, parts.val_examples, partial(collate, pad_id=2, packed=True), 4)
+    padded_eval = evaluate(parts.accelerator, model, parts.val_examples, partial(collate, pad_id=2), 4)
+    assert packed_eval.loss == pytest.approx(padded_eval.loss, rel=1e-5)
+    assert packed_eval.token_acc == pytest.approx(padded_eval.token_acc, abs=1e-6)
 
 
 def test_packed_row_masks_each_pairs_first_label():
