@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from medqa_loop.config import load_config
-from medqa_loop.data import accumulation_windows, arrange_window, epoch_order
-from medqa_loop.loop import backward_window, window_counts
+from medqa_loop.data import accumulation_windows, epoch_order
+from medqa_loop.loop import backward_window, window_batches, window_counts
 from medqa_loop.train import build_parts
 
 
@@ -60,8 +60,8 @@ def main() -> None:
                 for w, window in enumerate(windows[: a.windows + 1]):
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    mbs = arrange_window(window, lengths, "pack", 1, budget)
-                    batches = [{k: v.cuda() for k, v in parts.collate_fn([parts.train_examples[i] for i in mb]).items()} for mb in mbs]
+                    cfg.data.pack_tokens = budget
+                    batches = window_batches(window, parts.train_examples, cfg, parts.collate_fn, acc.device)
                     counts = window_counts(acc, batches)
                     backward_window(acc, model, batches, counts[0])
                     acc.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 0.3)

@@ -44,6 +44,21 @@ Batch = dict[str, torch.Tensor]
 EPS = 1e-8  # floor of the loss normaliser: an all-masked window must not divide by 0
 
 
+def window_batches(
+    window: list[list[int]], examples: list[dict], cfg: Config, collate_fn, device
+) -> list[Batch]:
+    """The micro-batches run for one window: its pairs regrouped as ``data.batching`` says
+    (data.arrange_window), collated, on ``device``. Replay rebuilds a step with this too."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    micro_batches = arrange_window(
+        window, lengths, cfg.data.batching, cfg.train.micro_batch_size, cfg.data.pack_tokens
+    )
+    return [
+        {k: v.to(device) for k, v in collate_fn([examples[i] for i in mb]).items()}
+        for mb in micro_batches
+    ]
+
+
 def model_logits(model, batch: Batch) -> torch.Tensor:
     """Logits of a padded or packed batch (data.collate makes both)."""
     if "position_ids" in batch:  # packed: the position restarts define the attention blocks
@@ -175,7 +190,6 @@ def train(
     per_epoch = steps_per_epoch(len(train_examples), t.micro_batch_size, t.grad_accum_steps, world)
     total_steps = per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.epochs)
     params = [p for p in model.parameters() if p.requires_grad]
-    lengths = [len(e["input_ids"]) for e in train_examples]
     # Clipping at 0 would zero every update; 0 means "don't clip" (the norm is still logged).
     clip_at = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
     for message in schedule_warnings(t, total_steps):
@@ -212,13 +226,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
-            micro_batches = arrange_window(
-                window, lengths, cfg.data.batching, t.micro_batch_size, cfg.data.pack_tokens
-            )
-            batches = [
-                {k: v.to(accelerator.device) for k, v in collate_fn([train_examples[i] for i in mb]).items()}
-                for mb in micro_batches
-            ]
+            batches = window_batches(window, train_examples, cfg, collate_fn, accelerator.device)
             counts = window_counts(accelerator, batches)
             if not batches:  # no share of an epoch's short last window; it must still join DDP
                 batches = [zero_weight_batch(train_examples[0], collate_fn, accelerator.device)]

@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from medqa_loop.config import Config, ConfigError, DebugConfig, config_from_dict
-from medqa_loop.data import DataError, accumulation_windows, arrange_window, epoch_order, load_pairs, split_pairs, steps_per_epoch
+from medqa_loop.data import DataError, accumulation_windows, epoch_order, load_pairs, split_pairs, steps_per_epoch
 from medqa_loop.debug import GradientDebugger, format_table
 from medqa_loop.metrics import read_metrics
 from medqa_loop.model import ModelLoadError
@@ -82,7 +82,7 @@ def replay(run_dir: str | Path, step: int, checkpoint: str | Path | None = None,
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from medqa_loop.loop import EPS, backward_window, window_counts
+    from medqa_loop.loop import EPS, backward_window, window_batches, window_counts
     from medqa_loop.train import build_parts
 
     run = Path(run_dir)
@@ -133,10 +133,9 @@ def replay(run_dir: str | Path, step: int, checkpoint: str | Path | None = None,
     missing = [k for k in loaded.missing_keys if "lora_" in k]
     if missing or loaded.unexpected_keys:
         raise ValueError(f"adapter {adapter} does not fit the run's model: missing {missing[:3]}, unexpected {loaded.unexpected_keys[:3]}")
-    # The micro-batches the loop ran: the same regrouping (packing, length grouping) as loop.train.
-    lengths = [len(e["input_ids"]) for e in parts.train_examples]
-    window = arrange_window(window, lengths, cfg.data.batching, t.micro_batch_size, cfg.data.pack_tokens)
-    rows = [[parts.train_examples[i]["row"] for i in mb] for mb in window]
+    # The micro-batches the loop ran, built by the loop's own function (packing, grouping).
+    batches = window_batches(window, parts.train_examples, cfg, parts.collate_fn, accelerator.device)
+    rows = [b["rows"].tolist() for b in batches]
     if (source / "window.json").is_file():
         saved = [mb["rows"] for mb in json.loads((source / "window.json").read_text())["micro_batches"]]
         if not {r for mb in saved for r in mb} <= {r for mb in rows for r in mb}:
@@ -157,7 +156,6 @@ def replay(run_dir: str | Path, step: int, checkpoint: str | Path | None = None,
         notes.append(f"the run had {world} processes: replayed on one, equal up to summation order, not bitwise")
 
     debugger = GradientDebugger(cfg, accelerator, model, parts.optimizer, out_dir=None, guard=False)
-    batches = [{k: v.to(accelerator.device) for k, v in parts.collate_fn([parts.train_examples[i] for i in mb]).items()} for mb in window]
     model.train()
     model.zero_grad(set_to_none=True)
     counts = window_counts(accelerator, batches)
