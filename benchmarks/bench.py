@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                                    "train.grad_accum_steps=4"]),
     # Speed over memory: 4k-token rows without activation checkpointing.
     "medqa_loop_pack4k_nogc": ("int8", ["data.pack_tokens=4096", "model.gradient_checkpointing=false"]),
+    # One 16k-token row per window: all 16 pairs in one forward (same memory with checkpointing).
+    "medqa_loop_pack16k": ("int8", ["data.pack_tokens=16384"]),
     # FlexAttention: packed rows' block-diagonal mask skips the blocks between pairs.
     "medqa_loop_flex": ("int8", ["model.attn_implementation=flex_attention"]),
 }

@@ -213,65 +213,65 @@ def train(
 
     model.train()
     step = start.step
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-    for epoch in range(start.epoch, t.epochs):
-        order = epoch_order(len(train_examples), cfg.seed, epoch)
-        windows = accumulation_windows(order, t.micro_batch_size, t.grad_accum_steps, rank, world)
-        done = start.window if epoch == start.epoch else 0  # windows trained before a resume
-        for window_index, window in enumerate(windows[done:], start=done):
+    # A context manager, so that a run stopped by an exception (NaN guard, signal) closes its bar.
+    with tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train") as bar:
+        for epoch in range(start.epoch, t.epochs):
+            order = epoch_order(len(train_examples), cfg.seed, epoch)
+            windows = accumulation_windows(order, t.micro_batch_size, t.grad_accum_steps, rank, world)
+            done = start.window if epoch == start.epoch else 0  # windows trained before a resume
+            for window_index, window in enumerate(windows[done:], start=done):
+                if step >= total_steps:
+                    break  # train.max_steps reached mid-epoch
+                started = time.perf_counter()
+                lr = lr_at(step, t.lr, t.warmup_steps, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                batches = window_batches(window, train_examples, cfg, collate_fn, accelerator.device)
+                counts = window_counts(accelerator, batches)
+                if not batches:  # no share of an epoch's short last window; it must still join DDP
+                    batches = [zero_weight_batch(train_examples[0], collate_fn, accelerator.device)]
+                loss_sum = backward_window(accelerator, model, batches, counts[0], debugger.watch(step + 1))
+                loss = (accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)).item()
+                # Debug mode: user hooks, and the NaN/inf guard (raises, or drops the gradients to skip).
+                debugger.before_clip(step + 1, model, batches, loss)
+
+                grad_norm = accelerator.clip_grad_norm_(params, clip_at)  # returns the pre-clip norm
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+
+                elapsed = time.perf_counter() - started
+                epoch_pos = epoch + (window_index + 1) / len(windows)
+                last = {
+                    "step": step,
+                    "epoch": round(epoch_pos, 4),
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    "target_tokens": int(counts[1]),
+                    "tokens_per_s": counts[2].item() / elapsed,
+                    "samples_per_s": counts[3].item() / elapsed,
+                    "step_time_s": elapsed,
+                }
+                if (peak := peak_memory_gb(accelerator.device)) is not None:
+                    last["peak_gb"] = peak
+                last.update(debugger.after_step(step, last))  # debug: trace line; a skip marks its step
+                log.write(**last)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{float(grad_norm):.3f}",
+                    tok_s=f"{last['tokens_per_s']:.0f}",
+                )
+
+                if window_index == len(windows) - 1:
+                    last["eval_loss"] = run_eval(step, epoch + 1.0)
+                    save_checkpoint(f"epoch-{epoch + 1}")
+                elif step % t.eval_every == 0:
+                    last["eval_loss"] = run_eval(step, epoch_pos)
+                if after_step is not None:
+                    after_step(step, epoch, window_index + 1, len(windows), step >= total_steps)
             if step >= total_steps:
-                break  # train.max_steps reached mid-epoch
-            started = time.perf_counter()
-            lr = lr_at(step, t.lr, t.warmup_steps, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            batches = window_batches(window, train_examples, cfg, collate_fn, accelerator.device)
-            counts = window_counts(accelerator, batches)
-            if not batches:  # no share of an epoch's short last window; it must still join DDP
-                batches = [zero_weight_batch(train_examples[0], collate_fn, accelerator.device)]
-            loss_sum = backward_window(accelerator, model, batches, counts[0], debugger.watch(step + 1))
-            loss = (accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)).item()
-            # Debug mode: user hooks, and the NaN/inf guard (raises, or drops the gradients to skip).
-            debugger.before_clip(step + 1, model, batches, loss)
-
-            grad_norm = accelerator.clip_grad_norm_(params, clip_at)  # returns the pre-clip norm
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            elapsed = time.perf_counter() - started
-            epoch_pos = epoch + (window_index + 1) / len(windows)
-            last = {
-                "step": step,
-                "epoch": round(epoch_pos, 4),
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "target_tokens": int(counts[1]),
-                "tokens_per_s": counts[2].item() / elapsed,
-                "samples_per_s": counts[3].item() / elapsed,
-                "step_time_s": elapsed,
-            }
-            if (peak := peak_memory_gb(accelerator.device)) is not None:
-                last["peak_gb"] = peak
-            last.update(debugger.after_step(step, last))  # debug: trace line; a skip marks its step
-            log.write(**last)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{float(grad_norm):.3f}",
-                tok_s=f"{last['tokens_per_s']:.0f}",
-            )
-
-            if window_index == len(windows) - 1:
-                last["eval_loss"] = run_eval(step, epoch + 1.0)
-                save_checkpoint(f"epoch-{epoch + 1}")
-            elif step % t.eval_every == 0:
-                last["eval_loss"] = run_eval(step, epoch_pos)
-            if after_step is not None:
-                after_step(step, epoch, window_index + 1, len(windows), step >= total_steps)
-        if step >= total_steps:
-            break
-    bar.close()
+                break
     save_checkpoint("final")
     return last
