@@ -3,7 +3,7 @@
 Most of it is arithmetic already in the loop: each accumulation window is ``grad_accum_steps *
 world`` micro-batches shared out round-robin (data.accumulation_windows), its target weight is
 summed over all processes before the first backward (loop.window_counts), and evaluation shards
-the validation split and sums the shards (loop.evaluate). Two things need code of their own:
+the validation split and sums the shards (evaluation.evaluate). Two things need code of their own:
 
 * an epoch's short last window can leave a process without a micro-batch, yet every process must
   enter DDP's gradient all-reduce or the others wait forever (``zero_weight_batch``);

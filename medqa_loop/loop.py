@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -35,8 +34,10 @@ from medqa_loop.config import Config
 from medqa_loop.data import accumulation_windows, arrange_window, epoch_order, steps_per_epoch
 from medqa_loop.debug import OFF, Debugger, schedule_warnings
 from medqa_loop.distributed import zero_weight_batch
-from medqa_loop.losses import target_tokens, target_weight, token_accuracy_counts, weighted_loss_sum
+from medqa_loop.evaluation import evaluate
+from medqa_loop.losses import target_tokens, target_weight, weighted_loss_sum
 from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity
+from medqa_loop.model import model_logits
 from medqa_loop.optim import lr_at
 from medqa_loop.state import Position
 
@@ -57,13 +58,6 @@ def window_batches(
         {k: v.to(device) for k, v in collate_fn([examples[i] for i in mb]).items()}
         for mb in micro_batches
     ]
-
-
-def model_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits of a padded or packed batch (data.collate makes both)."""
-    if "position_ids" in batch:  # packed: the position restarts define the attention blocks
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def forward_loss_sum(model, batch: Batch) -> torch.Tensor:
@@ -113,52 +107,6 @@ def backward_window(
         if on_micro_batch is not None:
             on_micro_batch(i, batch, micro_loss.detach())
     return loss_sum
-
-
-@dataclass
-class EvalResult:
-    loss: float  # summed token loss / summed weight
-    token_acc: float  # fraction of target tokens whose shifted argmax is the label
-
-
-@torch.no_grad()
-def evaluate(
-    accelerator,
-    model,
-    examples: list[dict],
-    collate_fn: Callable[[list[dict]], Batch],
-    batch_size: int,
-    max_batches: int | None = None,
-) -> EvalResult:
-    """Validation loss (summed token loss / summed weight) and token accuracy over the whole
-    (capped) split.
-
-    Each process takes every world-th example and the sums are reduced, so every example counts
-    exactly once however many processes run. The model goes back to train mode even on error.
-    """
-    if max_batches is not None:
-        examples = examples[: max_batches * batch_size]
-    mine = examples[accelerator.process_index :: accelerator.num_processes]
-    totals = torch.zeros(4, device=accelerator.device)  # loss sum, weight, correct, counted
-    # The bare model, not the DDP wrapper: a DDP forward may broadcast buffers (a collective),
-    # and processes run different numbers of batches here, some none at all.
-    model = accelerator.unwrap_model(model)
-    model.eval()  # dropout off
-    try:
-        for i in range(0, len(mine), batch_size):
-            batch = {k: v.to(accelerator.device) for k, v in collate_fn(mine[i : i + batch_size]).items()}
-            logits = model_logits(model, batch)
-            totals[0] += weighted_loss_sum(logits, batch["labels"], batch["loss_weights"]).float()
-            totals[1] += target_weight(batch)
-            correct, counted = token_accuracy_counts(logits, batch["labels"], batch["loss_weights"])
-            totals[2] += correct
-            totals[3] += counted
-    finally:
-        model.train()
-    totals = accelerator.reduce(totals, reduction="sum")
-    if totals[1] <= 0:
-        raise ValueError("the validation split has no target tokens to evaluate on")
-    return EvalResult(loss=(totals[0] / totals[1]).item(), token_acc=(totals[2] / totals[3]).item())
 
 
 def train(

@@ -154,3 +154,10 @@ def is_int8_linear(module) -> bool:
     import bitsandbytes as bnb
 
     return isinstance(module, bnb.nn.Linear8bitLt) and module.weight.dtype == torch.int8
+
+
+def model_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a padded or packed batch (data.collate makes both)."""
+    if "position_ids" in batch:  # packed: the position restarts define the attention blocks
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from medqa_loop.checkpoint import save_adapter
-from medqa_loop.loop import backward_window, evaluate, model_logits, train, window_counts
+from medqa_loop.evaluation import evaluate
+from medqa_loop.loop import backward_window, train, window_counts
+from medqa_loop.model import model_logits
 from medqa_loop.metrics import MetricsLog, read_metrics
 from medqa_loop.model import is_int8_linear, load_base
 from medqa_loop.train import build_parts, run

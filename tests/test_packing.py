@@ -46,7 +46,7 @@ def test_packed_row_equals_pairs_alone_and_pairs_do_not_interact(tiny_cfg, overr
     # Evaluation on packed batches equals evaluation on padded ones.
     from functools import partial
 
-    from medqa_loop.loop import evaluate
+    from medqa_loop.evaluation import evaluate
 
     packed_eval = evaluate(parts.accelerator, model, parts.val_examples, partial(collate, pad_id=2, packed=True), 4)
     padded_eval = evaluate(parts.accelerator, model, parts.val_examples, partial(collate, pad_id=2), 4)

@@ -1,0 +1,60 @@
+"""Evaluation: validation loss (its exp is the perplexity) and token accuracy over the whole
+split, each example counted once however many processes run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from medqa_loop.losses import target_weight, token_accuracy_counts, weighted_loss_sum
+from medqa_loop.model import model_logits
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class EvalResult:
+    loss: float  # summed token loss / summed weight
+    token_acc: float  # fraction of target tokens whose shifted argmax is the label
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator,
+    model,
+    examples: list[dict],
+    collate_fn: Callable[[list[dict]], Batch],
+    batch_size: int,
+    max_batches: int | None = None,
+) -> EvalResult:
+    """Validation loss (summed token loss / summed weight) and token accuracy over the whole
+    (capped) split.
+
+    Each process takes every world-th example and the sums are reduced, so every example counts
+    exactly once however many processes run. The model goes back to train mode even on error.
+    """
+    if max_batches is not None:
+        examples = examples[: max_batches * batch_size]
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    totals = torch.zeros(4, device=accelerator.device)  # loss sum, weight, correct, counted
+    # The bare model, not the DDP wrapper: a DDP forward may broadcast buffers (a collective),
+    # and processes run different numbers of batches here, some none at all.
+    model = accelerator.unwrap_model(model)
+    model.eval()  # dropout off
+    try:
+        for i in range(0, len(mine), batch_size):
+            batch = {k: v.to(accelerator.device) for k, v in collate_fn(mine[i : i + batch_size]).items()}
+            logits = model_logits(model, batch)
+            totals[0] += weighted_loss_sum(logits, batch["labels"], batch["loss_weights"]).float()
+            totals[1] += target_weight(batch)
+            correct, counted = token_accuracy_counts(logits, batch["labels"], batch["loss_weights"])
+            totals[2] += correct
+            totals[3] += counted
+    finally:
+        model.train()
+    totals = accelerator.reduce(totals, reduction="sum")
+    if totals[1] <= 0:
+        raise ValueError("the validation split has no target tokens to evaluate on")
+    return EvalResult(loss=(totals[0] / totals[1]).item(), token_acc=(totals[2] / totals[3]).item())
