@@ -225,41 +225,41 @@ def _validate(cfg: Config) -> None:
     from medqa_loop.masking import resolve_mask
 
     t, d, m, lo = cfg.train, cfg.data, cfg.model, cfg.lora
-    positive = {
-        "train.epochs": t.epochs,
-        "train.micro_batch_size": t.micro_batch_size,
-        "train.grad_accum_steps": t.grad_accum_steps,
-        "train.eval_every": t.eval_every,
-        "train.eval_batch_size": t.eval_batch_size,
-        "train.keep_states": t.keep_states,
-        "data.max_length": d.max_length,
-        "data.pack_tokens": d.pack_tokens,
-        "lora.r": lo.r,
-        "lora.alpha": lo.alpha,
-        "train.lr": t.lr,
-        "train.sample_max_new_tokens": t.sample_max_new_tokens,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {value!r}")
-    for key, value in {
-        "train.max_steps": t.max_steps,
-        "train.eval_max_batches": t.eval_max_batches,
-        "train.save_every": t.save_every,
-        "data.max_rows": d.max_rows,
-    }.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0 or null, got {value!r}")
-    for key, value in {
-        "train.weight_decay": t.weight_decay,
-        "train.warmup_steps": t.warmup_steps,
-        "train.max_grad_norm": t.max_grad_norm,
-        "train.sanity_eval_batches": t.sanity_eval_batches,
-        "train.sample_questions": t.sample_questions,
-        "model.llm_int8_threshold": m.llm_int8_threshold,
-    }.items():
-        if value < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {value!r}")
+    # (rule as the error states it, its test, the keys it applies to)
+    bounds = (
+        ("> 0", lambda v: v > 0, {
+            "train.epochs": t.epochs,
+            "train.micro_batch_size": t.micro_batch_size,
+            "train.grad_accum_steps": t.grad_accum_steps,
+            "train.eval_every": t.eval_every,
+            "train.eval_batch_size": t.eval_batch_size,
+            "train.keep_states": t.keep_states,
+            "data.max_length": d.max_length,
+            "data.pack_tokens": d.pack_tokens,
+            "lora.r": lo.r,
+            "lora.alpha": lo.alpha,
+            "train.lr": t.lr,
+            "train.sample_max_new_tokens": t.sample_max_new_tokens,
+        }),
+        ("> 0 or null", lambda v: v is None or v > 0, {
+            "train.max_steps": t.max_steps,
+            "train.eval_max_batches": t.eval_max_batches,
+            "train.save_every": t.save_every,
+            "data.max_rows": d.max_rows,
+        }),
+        (">= 0", lambda v: v >= 0, {
+            "train.weight_decay": t.weight_decay,
+            "train.warmup_steps": t.warmup_steps,
+            "train.max_grad_norm": t.max_grad_norm,
+            "train.sanity_eval_batches": t.sanity_eval_batches,
+            "train.sample_questions": t.sample_questions,
+            "model.llm_int8_threshold": m.llm_int8_threshold,
+        }),
+    )
+    for rule, holds, values in bounds:
+        for key, value in values.items():
+            if not holds(value):
+                raise ConfigError(f"config key '{key}' must be {rule}, got {value!r}")
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction!r}")
     if not 0.0 <= lo.dropout < 1.0:
