@@ -19,13 +19,14 @@ import torch
 from medqa_loop.config import load_config
 from medqa_loop.data import accumulation_windows, epoch_order
 from medqa_loop.loop import backward_window, window_batches, window_counts
+from medqa_loop.model import enable_checkpointing
 from medqa_loop.train import build_parts
 
 
 def set_checkpointing(model, on: bool) -> None:
     base = model.get_base_model()
     if on:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
     else:
         base.gradient_checkpointing_disable()
 

@@ -127,19 +127,23 @@ def load_base(cfg: ModelConfig, source: str, device: torch.device):
     return model
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing: works with frozen inputs (no
+    enable_input_require_grads hack) and with no_sync/DDP. Newer transformers renamed the method
+    (5.17 has only the old name, later 5.x warn on it)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool):
     """Freeze the base and wrap it with trainable LoRA adapters (PEFT)."""
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
-        # Non-reentrant checkpointing: works with frozen inputs (no enable_input_require_grads
-        # hack) and with no_sync/DDP. Newer transformers renamed the method (5.17 has only the
-        # old name, later 5.x warn on it).
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model)
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=lora.r,
