@@ -156,6 +156,8 @@ def test_sigint_finishes_the_window_saves_and_stops(tiny_cfg, monkeypatch):
         return forward(model, batch)
 
     monkeypatch.setattr(loop, "forward_loss_sum", forward_then_ctrl_c)
+    # What the process had before the run (SIG_IGN when started in the background, as by nohup).
+    before = signal.getsignal(signal.SIGINT)
     cfg = tiny_cfg("data.batching=pad", "data.max_rows=20", "data.max_length=48", "train.grad_accum_steps=2",
                    "train.sanity_eval_batches=0")
     with pytest.raises(Interrupted, match="stopped by SIGINT after step 2") as err:
@@ -164,7 +166,7 @@ def test_sigint_finishes_the_window_saves_and_stops(tiny_cfg, monkeypatch):
     assert err.value.path == state_dirs(out)[0] and err.value.signum == signal.SIGINT
     assert steps_of(out) == ["step-2"] and calls.count(True) == 4  # the window was finished
     assert verify_state(err.value.path)["window"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert signal.getsignal(signal.SIGINT) is before  # handlers put back
 
 
 # ---------------------------------------------------------------------------------------------
