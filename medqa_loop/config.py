@@ -49,9 +49,13 @@ class ModelConfig:
     # The recipe ran fp32; bf16 halves activation memory and matmul time (LoRA weights stay fp32).
     dtype: str = "bfloat16"
     gradient_checkpointing: bool = True
-    # transformers attention kernel: "sdpa" (PyTorch's fused attention), "eager", or
-    # "flex_attention" (compiled; skips the masked blocks of packed rows).
-    attn_implementation: str = "sdpa"
+    # transformers attention kernel: "varlen" (FlashAttention over each packed pair alone,
+    # medqa_loop.attention; padded batches use SDPA), "sdpa" (PyTorch's fused attention; packed
+    # rows get a block-diagonal mask, computed in full), "eager", or "flex_attention" (compiled).
+    attn_implementation: str = "varlen"
+    # LoRA linears, RMSNorm and SwiGLU as single autograd functions that keep less for backward
+    # (medqa_loop.fused): same maths, ~2.7x less activation memory without checkpointing.
+    fused_ops: bool = True
     # Mistral is native to transformers: running code from the hub is opt-in only.
     trust_remote_code: bool = False
 
@@ -270,7 +274,7 @@ def _validate(cfg: Config) -> None:
         ("data.bad_rows", d.bad_rows, ("error", "skip")),
         ("data.batching", d.batching, ("pack", "group_by_length", "pad")),
         ("model.int8_matmul", m.int8_matmul, ("dequant", "bnb")),
-        ("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flex_attention")),
+        ("model.attn_implementation", m.attn_implementation, ("varlen", "sdpa", "eager", "flex_attention")),
         ("model.dtype", m.dtype, ("float32", "bfloat16", "float16")),
         ("debug.nan_policy", cfg.debug.nan_policy, ("stop", "skip")),
     ):

@@ -8,6 +8,7 @@ Padding is dynamic: a batch is padded to its own longest pair, never to ``max_le
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,8 +219,9 @@ def encode_pairs(pairs: Pairs, tokenizer, cfg: DataConfig, mask_fn: MaskFn) -> E
 def collate(examples: list[dict], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
     """One micro-batch. Padded: right-pad to the longest example of this batch (pads get label
     -100 and weight 0). Packed: concatenate the examples into one row with ``position_ids``
-    restarting at 0 for each pair; transformers then builds a block-diagonal causal mask from
-    the restarts (no attention across pairs), so each pair's loss equals its loss alone.
+    restarting at 0 for each pair and the pairs' boundaries in ``cu_seq_lens``; attention never
+    crosses a boundary (medqa_loop.attention; SDPA gets a block-diagonal mask from the restarts),
+    so each pair's loss equals its loss alone.
     """
     if packed:
         def cat(key: str, first) -> list:
@@ -236,6 +238,10 @@ def collate(examples: list[dict], pad_id: int, packed: bool = False) -> dict[str
             "input_ids": torch.tensor([row["input_ids"]]),
             "attention_mask": torch.ones(1, len(row["input_ids"]), dtype=torch.long),
             "position_ids": torch.tensor([row["position_ids"]]),
+            # Pair boundaries [0, l0, l0+l1, ...] for FlashAttention (int32, as its kernel wants).
+            "cu_seq_lens": torch.tensor(
+                [0, *itertools.accumulate(len(e["input_ids"]) for e in examples)], dtype=torch.int32
+            ),
             "labels": torch.tensor([row["labels"]]),
             "loss_weights": torch.tensor([row["loss_weights"]], dtype=torch.float32),
             "rows": torch.tensor([e["row"] for e in examples]),

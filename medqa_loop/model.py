@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from medqa_loop import attention
 from medqa_loop.config import EMBEDDED_TOKENIZER, LoraSettings, ModelConfig
 
 # LLM.int8 multiplies in fp16 by design; bitsandbytes logs a warning on every fp32 call saying so.
@@ -110,6 +111,8 @@ def load_base(cfg: ModelConfig, source: str, device: torch.device):
             # The output projection stays in model.dtype: int8 logits hurt, and it is frozen.
             llm_int8_skip_modules=["lm_head"],
         )
+    if cfg.attn_implementation == attention.NAME:
+        attention.register()
     model = AutoModelForCausalLM.from_pretrained(
         source,
         quantization_config=quant,
@@ -138,8 +141,9 @@ def enable_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool):
-    """Freeze the base and wrap it with trainable LoRA adapters (PEFT)."""
+def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool, fused_ops: bool = False):
+    """Freeze the base and wrap it with trainable LoRA adapters (PEFT); with ``fused_ops`` run
+    LoRA linears, norms and MLPs through medqa_loop.fused."""
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
@@ -151,7 +155,12 @@ def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool):
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
     )
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    if fused_ops:
+        from medqa_loop.fused import use_fused_ops
+
+        use_fused_ops(model)
+    return model
 
 
 def is_int8_linear(module) -> bool:
@@ -162,6 +171,9 @@ def is_int8_linear(module) -> bool:
 
 def model_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits of a padded or packed batch (data.collate makes both)."""
-    if "position_ids" in batch:  # packed: the position restarts define the attention blocks
-        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    if "position_ids" in batch:  # packed: pairs are separated by position restarts (sdpa, eager,
+        # flex build a block-diagonal mask from them) and by cu_seq_lens (varlen reads these)
+        return model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], **attention.varlen_kwargs(batch)
+        ).logits
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

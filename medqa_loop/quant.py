@@ -53,6 +53,11 @@ def _dequant_forward(self, x: torch.Tensor) -> torch.Tensor:
     return DequantLinear.apply(x, cb, scb, self.bias)
 
 
+def uses_dequant_matmul(module) -> bool:
+    """Whether ``use_dequant_matmul`` routed this bitsandbytes layer (else: LLM.int8)."""
+    return getattr(module.forward, "__func__", None) is _dequant_forward
+
+
 def use_dequant_matmul(model: torch.nn.Module) -> int:
     """Route every bitsandbytes Linear8bitLt of ``model`` through DequantLinear; return how many.
 

@@ -129,7 +129,7 @@ def build_parts(
 
     set_seed(cfg.seed)  # LoRA init and dropout draw from here on
     base = M.load_base(cfg.model, source, accelerator.device)
-    model = M.add_lora(base, cfg.lora, cfg.model.gradient_checkpointing)
+    model = M.add_lora(base, cfg.lora, cfg.model.gradient_checkpointing, cfg.model.fused_ops)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,123 @@
+"""Attention for packed rows: each pair attends only to its own tokens, and only those are computed.
+
+A packed row (data.collate) holds many pairs. Through SDPA that needs a block-diagonal T x T
+mask, and SDPA's masked kernel computes every block of it: for a 2k-token row of four pairs
+three quarters of the attention work is thrown away, for an 8k row of 17 pairs 94% (measured:
+about half of a step's time went there). ``varlen`` hands FlashAttention the pairs' boundaries
+(``cu_seq_lens``, made by the collate) instead, through ``torch.nn.attention.varlen`` on CUDA in
+bf16/fp16, so the work is that of the pairs alone. Where that kernel cannot run (CPU, fp32) the
+same boundaries drive one causal SDPA per pair; tests check both against SDPA with the mask.
+
+``model.attn_implementation: varlen`` registers this under that name with transformers. Batches
+without boundaries (padded batches, generation with a KV cache) go to transformers' own SDPA,
+for which the same name gets the SDPA mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+NAME = "varlen"
+
+
+def varlen_kwargs(batch: dict[str, torch.Tensor]) -> dict:
+    """Model-forward keyword arguments telling the attention where the pairs of a packed batch
+    are (transformers passes them through to the attention function); {} for padded batches."""
+    if "cu_seq_lens" not in batch:
+        return {}
+    cu = batch["cu_seq_lens"]
+    longest = int((cu[1:] - cu[:-1]).max())  # the kernel's grid needs it on the host: one sync
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+@functools.cache
+def _flash_params() -> frozenset[str]:
+    """The keyword arguments this torch's varlen_attn takes: its first release (2.10) had
+    ``is_causal`` and no ``scale``/``enable_gqa``; later ones have ``window_size`` and both."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def flash_available(query: torch.Tensor, scale: float) -> bool:
+    if not (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    try:
+        params = _flash_params()
+    except ImportError:  # torch < 2.10
+        return False
+    return "scale" in params or scale == query.size(-1) ** -0.5
+
+
+def _flash(q, k, v, cu, longest: int, scale: float) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = _flash_params()
+    kwargs = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    else:  # query head h reads KV head h // n_rep, as transformers' repeat_kv
+        n_rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
+
+
+def _per_pair(q, k, v, cu, scale: float) -> torch.Tensor:
+    """The reference: one causal SDPA per pair ([T, H, D] in, [T, H, D] out)."""
+    bounds = cu.tolist()
+    outs = [
+        F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+            is_causal=True, scale=scale, enable_gqa=True,
+        ).transpose(0, 1)
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    return torch.cat(outs)
+
+
+def varlen_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs,
+):
+    """transformers attention function: query [B, H, T, D], key/value [B, Hkv, T, D] ->
+    ([B, T, H, D], None). Packed (``cu_seq_lens_q`` given, one row): per-pair causal attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, dim = query.shape
+    windowed = sliding_window is not None and max_length_q is not None and max_length_q > sliding_window
+    if cu_seq_lens_q is None or batch != 1 or dropout > 0 or windowed:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask,
+            dropout=dropout, scaling=scaling, sliding_window=sliding_window, **kwargs,
+        )
+    scale = dim**-0.5 if scaling is None else scaling
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+    if flash_available(q, scale):
+        out = _flash(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq_lens_q, max_length_q, scale)
+    else:
+        out = _per_pair(q, k, v, cu_seq_lens_q, scale)
+    return out.unsqueeze(0), None
+
+
+def register() -> None:
+    """Make ``attn_implementation="varlen"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, varlen_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
