@@ -77,6 +77,16 @@ def build_base(work: Path) -> tuple[Path, Path]:
     return base, tok_dir
 
 
+def prepare(work: Path, mean_tokens: float, sigma: float) -> tuple[Path, Path, Path]:
+    """(base model dir, tokenizer dir, synthetic data file) under ``work``, built if missing."""
+    base, tok = build_base(work)
+    data = work / f"synthetic-{mean_tokens:g}-{sigma:g}.jsonl"
+    if not data.is_file():
+        sh([sys.executable, "benchmarks/synthetic.py", "--tokenizer", str(tok), "--out", str(data),
+            "--mean-tokens", str(mean_tokens), "--sigma", str(sigma)], work / "synthetic.log")
+    return base, tok, data
+
+
 def summarize(metrics: Path) -> dict:
     """Throughput over the logged optimizer steps after the first (which carries start-up)."""
     steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r][1:]
@@ -107,10 +117,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0)
-    base, tok = build_base(work)
-    data = work / f"synthetic-{a.mean_tokens:g}-{a.sigma:g}.jsonl"
-    sh([sys.executable, "benchmarks/synthetic.py", "--tokenizer", str(tok), "--out", str(data),
-        "--mean-tokens", str(a.mean_tokens), "--sigma", str(a.sigma)], work / "synthetic.log")
+    base, tok, data = prepare(work, a.mean_tokens, a.sigma)
     date = datetime.date.today().isoformat()
     rows = []
     for name in a.variants.split(","):

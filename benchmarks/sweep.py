@@ -2,9 +2,13 @@
 checkpointing, for picking settings on a smaller GPU. One process loads the 7B base once (the
 same build_parts as the entry point) and runs real optimizer windows at each setting.
 
-  python benchmarks/sweep.py --base DIR --tokenizer DIR --data FILE --out DIR [--tokens 2048,4096,8192,16384]
+  python benchmarks/sweep.py --out DIR [--workdir /tmp/bench | --base DIR --tokenizer DIR --data FILE]
+      [--tokens 4096,8192,16384] [--tokens-nogc 1024,2048,3072,4096] [--set key=value ...]
+      [--profile TOKENS]
 
-Writes sweep.jsonl and sweep.png (two panels: peak GB, samples/s) to --out.
+Writes sweep.jsonl and sweep.png (two panels: peak GB, samples/s) to --out. ``--profile`` runs
+one more window without checkpointing at that row size under torch.profiler and prints where
+the GPU time goes (kernel table) and how much of the window the GPU was busy.
 """
 
 from __future__ import annotations
@@ -33,17 +37,25 @@ def set_checkpointing(model, on: bool) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--base", required=True)
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--workdir", default="/tmp/bench", help="where bench.py builds base and data")
+    p.add_argument("--base", help="model dir (default: bench.py's random-init 7B in --workdir)")
+    p.add_argument("--tokenizer")
+    p.add_argument("--data")
     p.add_argument("--out", required=True)
-    p.add_argument("--tokens", default="2048,4096,8192,16384")
+    p.add_argument("--tokens", default="4096,8192,16384", help="row sizes with checkpointing")
+    p.add_argument("--tokens-nogc", default="1024,2048,3072,4096", help="row sizes without")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides, as for medqa_loop.train")
+    p.add_argument("--profile", type=int, default=0, help="profile one window at this row size")
     p.add_argument("--windows", type=int, default=3, help="timed windows per setting (+1 warm-up)")
     a = p.parse_args()
     out = Path(a.out)
+    if not (a.base and a.tokenizer and a.data):
+        from bench import prepare  # benchmarks/ is on sys.path when this file runs as a script
+
+        a.base, a.tokenizer, a.data = prepare(Path(a.workdir), 470, 0.45)
     cfg = load_config("configs/recipe.yaml", [
         f"output_dir={out / 'sweep-run'}", f"model.name_or_path={a.base}", f"model.tokenizer={a.tokenizer}",
-        f"data.dataset={a.data}", "data.pack_tokens=16384",
+        f"data.dataset={a.data}", "data.pack_tokens=16384", *a.set,
     ])
     parts = build_parts(cfg, overwrite=True)
     acc, model = parts.accelerator, parts.model
@@ -51,9 +63,9 @@ def main() -> None:
     lengths = [len(e["input_ids"]) for e in parts.train_examples]
     windows = accumulation_windows(epoch_order(len(lengths), cfg.seed, 0), 1, 16)
     rows = []
-    for gc in (True, False):
+    for gc, budgets in ((True, a.tokens), (False, a.tokens_nogc)):
         set_checkpointing(model, gc)
-        for budget in map(int, a.tokens.split(",")):
+        for budget in [int(t) for t in budgets.split(",") if t]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             secs, pairs, tokens = 0.0, 0, 0
@@ -82,6 +94,31 @@ def main() -> None:
             rows.append(row)
     (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot(rows, out / "sweep.png", torch.cuda.get_device_name(0))
+    if a.profile:
+        cfg.data.pack_tokens = a.profile
+        profile_window(parts, cfg, windows[-1])
+
+
+def profile_window(parts, cfg, window) -> None:
+    """One window (forward, backward, optimizer step) under torch.profiler: the top kernels by
+    GPU time, and GPU busy time against wall time (a gap means the CPU cannot feed the GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acc, model = parts.accelerator, parts.model
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        batches = window_batches(window, parts.train_examples, cfg, parts.collate_fn, acc.device)
+        backward_window(acc, model, batches, window_counts(acc, batches)[0])
+        parts.optimizer.step()
+        parts.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
+    busy = sum(e.self_device_time_total for e in events) / 1e6
+    print(json.dumps({"profile_tokens": cfg.data.pack_tokens, "wall_s": wall, "gpu_busy_s": busy,
+                      "micro_batches": len(batches)}), flush=True)
 
 
 def plot(rows: list[dict], path: Path, gpu: str) -> None:
