@@ -4,10 +4,10 @@ same build_parts as the entry point) and runs real optimizer windows at each set
 
   python benchmarks/sweep.py --out DIR [--workdir /tmp/bench | --base DIR --tokenizer DIR --data FILE]
       [--tokens 4096,8192,16384] [--tokens-nogc 1024,2048,3072,4096] [--set key=value ...]
-      [--profile TOKENS]
+      [--profile TOKENS [--profile-gc]]
 
 Writes sweep.jsonl and sweep.png (two panels: peak GB, samples/s) to --out. ``--profile`` runs
-one more window without checkpointing at that row size under torch.profiler and prints where
+one more window at that row size (checkpointing with --profile-gc) under torch.profiler and prints where
 the GPU time goes (kernel table) and how much of the window the GPU was busy.
 """
 
@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--tokens-nogc", default="1024,2048,3072,4096", help="row sizes without")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, as for medqa_loop.train")
     p.add_argument("--profile", type=int, default=0, help="profile one window at this row size")
+    p.add_argument("--profile-gc", action="store_true", help="... with activation checkpointing")
     p.add_argument("--windows", type=int, default=3, help="timed windows per setting (+1 warm-up)")
     a = p.parse_args()
     out = Path(a.out)
@@ -96,7 +97,8 @@ def main() -> None:
     plot(rows, out / "sweep.png", torch.cuda.get_device_name(0))
     if a.profile:
         cfg.data.pack_tokens = a.profile
-        profile_window(parts, cfg, windows[-1])
+        set_checkpointing(model, a.profile_gc)
+        profile_window(parts, cfg, windows[1])
 
 
 def profile_window(parts, cfg, window) -> None:

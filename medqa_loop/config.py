@@ -91,7 +91,8 @@ class DataConfig:
     # "group_by_length" pads batches of similar-length pairs; "pad" pads batches as drawn.
     # The pairs of each optimizer step, and so the update, are the same in all three.
     batching: str = "pack"
-    pack_tokens: int = 8192
+    # 16384 = grad_accum_steps x max_length of the recipe: a whole window is one row.
+    pack_tokens: int = 16384
     # A row with a missing, null, empty or non-string text, or a prompt that alone fills
     # max_length: "error" stops with the row and column named; "skip" leaves it out, counted and
     # listed at the end of data loading and in metrics.jsonl.
