@@ -5,13 +5,15 @@ import torch
 
 from medqa_loop.data import arrange_window, collate
 from medqa_loop.losses import token_losses
+from medqa_loop.model import model_logits
 from medqa_loop.train import build_parts
 
 
 def per_pair_losses(model, batch, sizes):
-    """Summed token loss of each pair of a packed row (segments of the shifted loss vector)."""
+    """Summed token loss of each pair of a packed row (segments of the shifted loss vector),
+    through the loop's forward (position restarts and, for varlen, the pair boundaries)."""
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        logits = model_logits(model, batch)
     losses = token_losses(logits, batch["labels"])[0] * batch["loss_weights"][0, 1:]
     out, start = [], 0
     for n in sizes:
@@ -23,20 +25,30 @@ def per_pair_losses(model, batch, sizes):
 def alone(model, ex):
     b = collate([ex], pad_id=2)
     with torch.no_grad():
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = model_logits(model, b)
     return (token_losses(logits, b["labels"]) * b["loss_weights"][:, 1:]).sum()
 
 
-@pytest.mark.parametrize("overrides", [["model.load_in_8bit=false"], []])
-def test_packed_row_equals_pairs_alone_and_pairs_do_not_interact(tiny_cfg, overrides):
-    parts = build_parts(tiny_cfg("data.mask=full_sequence", *overrides))
+@pytest.mark.parametrize("attn", ["varlen", "sdpa"])
+@pytest.mark.parametrize("overrides", [["model.load_in_8bit=false"], []], ids=["float", "int8"])
+def test_packed_row_equals_pairs_alone_and_pairs_do_not_interact(tiny_cfg, overrides, attn, monkeypatch):
+    import medqa_loop.attention as A
+
+    parts = build_parts(tiny_cfg("data.mask=full_sequence", f"model.attn_implementation={attn}", *overrides))
     model = parts.model.eval()
+    assert model.config._attn_implementation == attn
+    # Count the packed forwards that run attention one pair at a time (varlen on CPU).
+    per_pair_calls = []
+    per_pair = A._per_pair
+    monkeypatch.setattr(A, "_per_pair", lambda *a, **k: per_pair_calls.append(1) or per_pair(*a, **k))
     exs = parts.train_examples[:4]
     sizes = [len(e["input_ids"]) for e in exs]
     packed = collate(exs, pad_id=2, packed=True)
     assert packed["input_ids"].shape == (1, sum(sizes))
     got = per_pair_losses(model, packed, sizes)
+    assert len(per_pair_calls) == (2 if attn == "varlen" else 0)  # one per layer of the tiny model
     want = torch.stack([alone(model, e) for e in exs])
+    assert len(per_pair_calls) == (2 if attn == "varlen" else 0)  # padded batches: transformers' SDPA
     assert torch.allclose(got, want, rtol=1e-5)
     # Scramble pair 1's tokens: the other pairs' losses do not move at all.
     scrambled = dict(exs[1], input_ids=exs[1]["input_ids"][:1] + exs[1]["input_ids"][:0:-1])

@@ -1,0 +1,235 @@
+"""Fused autograd functions (medqa_loop.fused): exact gradients, a replayable dropout mask, and a
+fused tiny model equal to the stock one, with and without 8-bit weights and checkpointing."""
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from medqa_loop import fused
+from medqa_loop.data import collate
+from medqa_loop.fused import LoraLinear, RMSNormFn, SiluMul, seeded_dropout, use_fused_ops
+from medqa_loop.loop import forward_loss_sum
+from medqa_loop.train import build_parts
+
+F64 = torch.float64
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# -- the autograd functions alone ------------------------------------------------------------
+
+
+def lora_inputs(gen):
+    x = torch.randn(2, 3, 5, dtype=F64, generator=gen, requires_grad=True)  # 3-D: reshaped inside
+    a = torch.randn(2, 5, dtype=F64, generator=gen, requires_grad=True)  # r = 2
+    b = torch.randn(4, 2, dtype=F64, generator=gen, requires_grad=True)
+    return x, a, b
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("int8", [False, True], ids=["float-weight", "int8-weight"])
+def test_lora_linear_gradcheck_and_forward(p, int8):
+    gen = torch.Generator().manual_seed(0)
+    x, a, b = lora_inputs(gen)
+    if int8:  # bitsandbytes' layout: CB int8 [out, in], SCB fp32 [out]
+        w = torch.randint(-127, 128, (4, 5), generator=gen, dtype=torch.int8)
+        scb = torch.rand(4, generator=gen) + 0.5
+        bias = None
+        w_dense = w.double() * (scb / 127).double()[:, None]  # SCB/127 rounds in fp32
+    else:
+        w = torch.randn(4, 5, dtype=F64, generator=gen)
+        scb = None
+        bias = torch.randn(4, dtype=F64, generator=gen)
+        w_dense = w
+    scale, seed = 0.5, 1234
+
+    def f(x, a, b):
+        return LoraLinear.apply(x, w, scb, bias, a, b, scale, p, seed)
+
+    # The forward is the formula (the mask drawn from the seed), and the backward, which draws
+    # the mask again from the seed, is its exact derivative.
+    dropped = seeded_dropout(x.detach().reshape(-1, 5), p, seed).view_as(x) if p > 0 else x.detach()
+    want = x.detach() @ w_dense.T + scale * (dropped @ a.detach().T) @ b.detach().T
+    if bias is not None:
+        want = want + bias
+    got = f(x, a, b)
+    assert got.shape == (2, 3, 4) and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    if p > 0:  # dropout really acted
+        assert not torch.allclose(got, LoraLinear.apply(x, w, scb, bias, a, b, scale, 0.0, seed))
+    assert gradcheck(f, (x, a, b))
+
+
+def test_rmsnorm_fn_gradcheck_and_equals_transformers_rmsnorm():
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 6, dtype=F64, generator=gen, requires_grad=True)
+    w = torch.randn(6, dtype=F64, generator=gen)
+    # Like transformers' RMSNorm, the normalisation runs in fp32 even for a float64 input, so the
+    # finite differences need a step far above fp32 rounding (1e-3, not gradcheck's 1e-6).
+    assert gradcheck(lambda x: RMSNormFn.apply(x, w, 1e-6), (x,), eps=1e-3, atol=1e-4, rtol=1e-3)
+    # Against the module it replaces, forward and backward, in fp32 and bf16.
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        norm = MistralRMSNorm(6, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(w)
+        norm.weight.requires_grad_(False)
+        xs = x.detach().to(dtype).requires_grad_()
+        g = torch.randn(3, 6, generator=gen).to(dtype)
+        want = norm(xs)
+        (want_grad,) = torch.autograd.grad(want, xs, g)
+        got = RMSNormFn.apply(xs, norm.weight, 1e-6)
+        (got_grad,) = torch.autograd.grad(got, xs, g)
+        assert got.dtype == dtype and got_grad.dtype == dtype
+        assert torch.equal(got, want)  # the forward is the same computation
+        assert rel(got_grad, want_grad) < tol
+
+
+def test_silu_mul_gradcheck():
+    gen = torch.Generator().manual_seed(2)
+    gate = (torch.randn(3, 6, dtype=F64, generator=gen) * 3).requires_grad_()  # both tails of silu
+    up = torch.randn(3, 6, dtype=F64, generator=gen, requires_grad=True)
+    assert torch.allclose(SiluMul.apply(gate, up), torch.nn.functional.silu(gate) * up)
+    assert gradcheck(SiluMul.apply, (gate, up))
+
+
+def test_seeded_dropout_is_a_function_of_the_seed():
+    x = torch.ones(1000, 1000)
+    p = 0.3
+    a, b, c = seeded_dropout(x, p, 7), seeded_dropout(x, p, 7), seeded_dropout(x, p, 8)
+    assert torch.equal(a, b)  # same seed: the same mask
+    kept = a != 0
+    assert not torch.equal(kept, c != 0)  # another seed: another mask
+    assert (kept != (c != 0)).float().mean() > 0.3  # ... not one differing element: independent
+    assert abs(kept.float().mean().item() - (1 - p)) < 3e-3  # 1e6 draws: std ~5e-4
+    assert torch.allclose(a[kept], torch.full_like(a[kept], 1 / (1 - p)))  # inverted dropout
+    # On data, the kept values are the inputs scaled, the dropped ones zero.
+    y = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    out = seeded_dropout(y, p, 7)
+    keep = seeded_dropout(torch.ones_like(y), p, 7) != 0
+    assert torch.allclose(out[keep], y[keep] / (1 - p)) and torch.all(out[~keep] == 0)
+
+
+# -- the tiny model, fused against stock -------------------------------------------------------
+
+
+def build(tiny_cfg, tmp_path, name, *overrides):
+    parts = build_parts(tiny_cfg(f"output_dir={tmp_path / name}", *overrides))
+    parts.model.train()
+    return parts
+
+
+def set_lora(model, seed=0):
+    """Every LoRA matrix from one seeded generator (B non-zero, so every gradient is)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = forward_loss_sum(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def swapped(model, fn):
+    return sum(getattr(m.forward, "__func__", None) is fn for m in model.modules())
+
+
+def batches(parts):
+    exs = parts.train_examples[:3]
+    pad = parts.tokenizer.pad_token_id
+    return {"packed": collate(exs, pad_id=pad, packed=True), "padded": collate(exs, pad_id=pad)}
+
+
+@pytest.mark.parametrize("base", [[], ["model.load_in_8bit=false"]], ids=["int8-dequant", "float"])
+def test_fused_model_equals_stock_model(tiny_cfg, tmp_path, base):
+    common = ["lora.dropout=0.0", "model.attn_implementation=sdpa", *base]
+    stock = build(tiny_cfg, tmp_path, "stock", *common, "model.fused_ops=false")
+    fast = build(tiny_cfg, tmp_path, "fused", *common, "model.fused_ops=true")
+    assert swapped(stock.model, fused._lora_forward) == 0
+    assert swapped(fast.model, fused._lora_forward) == 14  # 2 layers x 7 projections
+    assert swapped(fast.model, fused._rmsnorm_forward) == 5 and swapped(fast.model, fused._mlp_forward) == 2
+    for parts in (stock, fast):
+        set_lora(parts.model)
+    for kind, batch in batches(stock).items():
+        want_loss, want = loss_and_grads(stock.model, batch)
+        got_loss, got = loss_and_grads(fast.model, batch)
+        assert rel(got_loss, want_loss) < 1e-5, kind
+        assert got.keys() == want.keys() and len(want) == 28  # A and B of 14 layers
+        for name in want:
+            assert want[name].norm() > 0, (kind, name)
+            assert rel(got[name], want[name]) < 1e-5, (kind, name)
+
+
+def test_use_fused_ops_counts_and_leaves_llm_int8_lora_alone(tiny_cfg, tmp_path):
+    from peft.tuners.lora import LoraLayer
+
+    from medqa_loop.model import is_int8_linear
+
+    expected = {"lora": 14, "rmsnorm": 5, "mlp": 2}  # 2 layers x 7; 2 per layer + final; 1 per layer
+    stock = build(tiny_cfg, tmp_path, "stock", "model.fused_ops=false")
+    model = stock.model
+    # The counts are the model's modules, counted here without use_fused_ops' own tests.
+    assert sum(isinstance(m, LoraLayer) for m in model.modules()) == expected["lora"]
+    assert sum(type(m).__name__ == "MistralRMSNorm" for m in model.modules()) == expected["rmsnorm"]
+    assert sum(type(m).__name__ == "MistralMLP" for m in model.modules()) == expected["mlp"]
+    assert use_fused_ops(model) == expected
+    assert swapped(model, fused._lora_forward) == 14
+
+    bnb = build(tiny_cfg, tmp_path, "bnb", "model.int8_matmul=bnb", "model.fused_ops=false")
+    loras = [m for m in bnb.model.modules() if isinstance(m, LoraLayer)]
+    assert len(loras) == 14 and all(is_int8_linear(m.get_base_layer()) for m in loras)
+    assert use_fused_ops(bnb.model) == {"lora": 0, "rmsnorm": 5, "mlp": 2}
+    assert swapped(bnb.model, fused._lora_forward) == 0 and swapped(bnb.model, fused._rmsnorm_forward) == 5
+
+
+def test_dropout_survives_checkpointing_and_is_off_in_eval(tiny_cfg, tmp_path):
+    common = ["lora.dropout=0.3", "model.fused_ops=true", "model.attn_implementation=sdpa"]
+    ckpt = build(tiny_cfg, tmp_path, "ckpt", *common, "model.gradient_checkpointing=true")
+    plain = build(tiny_cfg, tmp_path, "plain", *common, "model.gradient_checkpointing=false")
+    assert ckpt.model.get_base_model().is_gradient_checkpointing
+    assert not plain.model.get_base_model().is_gradient_checkpointing
+    assert swapped(ckpt.model, fused._lora_forward) == 14
+    for parts in (ckpt, plain):
+        set_lora(parts.model)
+    batch = batches(ckpt)["packed"]
+
+    # Checkpointing's recompute restores the RNG state, so it draws the same dropout seeds: the
+    # gradient is the one without checkpointing.
+    torch.manual_seed(5)
+    want_loss, want = loss_and_grads(plain.model, batch)
+    torch.manual_seed(5)
+    got_loss, got = loss_and_grads(ckpt.model, batch)
+    assert rel(got_loss, want_loss) < 1e-6
+    for name in want:
+        assert want[name].norm() > 0 and rel(got[name], want[name]) < 1e-5, name
+
+    # Train mode: dropout is on, another seed gives another loss.
+    with torch.no_grad():
+        torch.manual_seed(6)
+        other = forward_loss_sum(ckpt.model, batch)
+    assert abs(other - want_loss) / want_loss > 1e-4
+
+    # Eval mode: dropout is off; the loss is the dropout-free model's with the same weights.
+    no_dropout = build(tiny_cfg, tmp_path, "p0", "lora.dropout=0.0", "model.fused_ops=true",
+                       "model.attn_implementation=sdpa")
+    set_lora(no_dropout.model)
+    evals = []
+    for seed, parts in ((1, ckpt), (2, ckpt), (3, no_dropout)):
+        parts.model.eval()
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            evals.append(forward_loss_sum(parts.model, batch))
+    assert torch.equal(evals[0], evals[1])
+    assert torch.allclose(evals[0], evals[2], rtol=1e-6, atol=0)
+    assert abs(evals[0] - want_loss) / want_loss > 1e-4  # and differs from the train-mode loss
