@@ -8,17 +8,17 @@ backward. The stock modules save a lot that backward can cheaply recompute:
   saves it. Per layer that is ~230 KB a token, more than everything else together.
   ``LoraLinear`` runs base + LoRA as one node in the activation dtype and saves the input (the
   same tensor the sibling projections save), the r-wide ``dropout(x) A^T`` and a seed: the dropout
-  mask is a hash of the seed, recomputed in backward. The base weight may be bitsandbytes' int8 (then
+  mask is drawn again from the seed in backward. The base weight may be bitsandbytes' int8 (then
   dequantized per matmul, as medqa_loop.quant) or a plain frozen weight.
 * RMSNorm up-casts to fp32 and keeps three fp32 intermediates; ``RMSNormFn`` keeps the bf16 input
   and one fp32 scalar per token.
 * SiLU(gate) * up keeps gate, SiLU(gate) and up; ``SiluMul`` keeps gate and up.
 
-Their elementwise maths (the norm, SwiGLU, dropout masks, int8 scales) is medqa_loop.kernels:
-one compiled kernel each on CUDA, eager on the CPU.
+The elementwise maths of the norm and SwiGLU (forward and backward) runs as one compiled kernel
+each on CUDA (``_Kernel``), eagerly on the CPU.
 
-Together ~380 KB of saved activations per token and layer become ~160 KB (Mistral-7B, bf16,
-measured: 5 MB a token over 32 layers without checkpointing). ``use_fused_ops`` swaps the
+Together ~380 KB of saved activations per token and layer become ~140 KB (Mistral-7B, bf16),
+which is what lets the 7B train without recomputing its forward. ``use_fused_ops`` swaps the
 forward of each module instance; parameters, state dicts, PEFT saving/merging and hooks on the
 modules are unchanged, and anything the fused path does not cover (merged or disabled adapters,
 several adapters, trainable norms) runs the stock forward.
@@ -26,13 +26,86 @@ several adapters, trainable norms) runs the stock forward.
 
 from __future__ import annotations
 
+import functools
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from medqa_loop import kernels as K
 from medqa_loop.quant import int8_linear, int8_linear_grad_input, int8_state, uses_dequant_matmul
+
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def dropout_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The 0/1 keep mask of dropout at rate p, in x's dtype: a pure function of (seed, shape,
+    device), so backward draws it again instead of keeping it."""
+    gen = _generators.get(x.device)
+    if gen is None:
+        gen = _generators[x.device] = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    return torch.empty_like(x).bernoulli_(1.0 - p, generator=gen)
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout with the mask of ``dropout_keep``."""
+    return x * dropout_keep(x, p, seed) * (1.0 / (1.0 - p))
+
+
+class _Kernel:
+    """A small elementwise function run as one fused kernel (torch.compile) on CUDA, eagerly
+    elsewhere. Eager PyTorch runs each op of it as its own kernel with its own pass over memory
+    (SwiGLU's backward: a dozen passes over [tokens, 14336] fp32 tensors). If compilation fails
+    (no Triton, an old GPU) the eager function is used, with one warning."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        if not args[0].is_cuda or self.compiled is False:
+            return self.fn(*args)
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=True)
+        try:
+            return self.compiled(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, say so once
+            warnings.warn(f"torch.compile of {self.fn.__name__} failed, running it eagerly: {e!r}")
+            self.compiled = False
+            return self.fn(*args)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (fp64 stays fp64: the gradient checks run in it)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+@_Kernel
+def _rmsnorm(x, weight, eps: float):
+    rstd = torch.rsqrt(_f32(x).pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (_f32(x) * rstd).to(x.dtype), rstd
+
+
+@_Kernel
+def _rmsnorm_backward(x, weight, rstd, grad_y):
+    x_hat = _f32(x) * rstd
+    dy = _f32(grad_y) * _f32(weight)
+    return (rstd * (dy - x_hat * (dy * x_hat).mean(-1, keepdim=True))).to(x.dtype)
+
+
+@_Kernel
+def _silu_mul(gate, up):
+    return F.silu(_f32(gate)).to(gate.dtype) * up
+
+
+@_Kernel
+def _silu_mul_backward(gate, up, grad_h):
+    g, grad_f = _f32(gate), _f32(grad_h)
+    sig = torch.sigmoid(g)
+    grad_gate = grad_f * _f32(up) * sig * (1 + g * (1 - sig))
+    return grad_gate.to(gate.dtype), (grad_f * g * sig).to(up.dtype)
+
 
 class LoraLinear(torch.autograd.Function):
     """y = x W^T + b + scale * (dropout(x) A^T) B^T, W and b frozen, A and B trained.
@@ -44,7 +117,7 @@ class LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed: torch.Tensor | None):
+    def forward(ctx, x, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed: int):
         dtype = x.dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         x2 = x.reshape(-1, x.size(-1))  # 2-D here and in backward: the same dropout mask
@@ -52,17 +125,17 @@ class LoraLinear(torch.autograd.Function):
         if bias is not None:
             y.add_(bias.to(dtype))
         if p > 0:
-            xa = F.linear(K.masked(x2, seed, p), a).mul_(1.0 / (1.0 - p))
+            xa = F.linear(x2 * dropout_keep(x2, p, seed), a).mul_(1.0 / (1.0 - p))
         else:
             xa = F.linear(x2, a)
         y.addmm_(xa, b.t(), alpha=scale)
-        ctx.save_for_backward(x, w, scb, lora_a, lora_b, xa, seed)
-        ctx.scale, ctx.p = scale, p
+        ctx.save_for_backward(x, w, scb, lora_a, lora_b, xa)
+        ctx.scale, ctx.p, ctx.seed = scale, p, seed
         return y.view(*x.shape[:-1], y.size(-1))
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w, scb, lora_a, lora_b, xa, seed = ctx.saved_tensors
+        x, w, scb, lora_a, lora_b, xa = ctx.saved_tensors
         p, dtype = ctx.p, grad_y.dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         g = grad_y.reshape(-1, grad_y.size(-1))
@@ -70,12 +143,13 @@ class LoraLinear(torch.autograd.Function):
         grad_b = (g.t() @ xa).mul_(ctx.scale).to(lora_b.dtype)
         # d loss / d (masked x A^T): r wide, so dropout's 1/(1-p) is cheap to apply here.
         g_xa = (g @ b).mul_(ctx.scale / (1.0 - p))
-        grad_a = (g_xa.t() @ (K.masked(x2, seed, p) if p > 0 else x2)).to(lora_a.dtype)
+        keep = dropout_keep(x2, p, ctx.seed) if p > 0 else None
+        grad_a = (g_xa.t() @ (x2 * keep if p > 0 else x2)).to(lora_a.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:  # the first layer's input comes from frozen embeddings
             lora_part = g_xa @ a
             if p > 0:
-                lora_part = K.masked(lora_part, seed, p)  # the same mask as in forward
+                lora_part.mul_(keep)  # the same mask as in forward
             base = int8_linear_grad_input(g, w, scb) if scb is not None else g @ w.to(dtype)
             grad_x = base.add_(lora_part).view_as(x)
         return grad_x, None, None, None, grad_a, grad_b, None, None, None
@@ -87,14 +161,14 @@ class RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        y, rstd = K.rmsnorm(x, weight, eps)
+        y, rstd = _rmsnorm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, rstd = ctx.saved_tensors
-        return K.rmsnorm_backward(x, weight, rstd, grad_y), None, None
+        return _rmsnorm_backward(x, weight, rstd, grad_y), None, None
 
 
 class SiluMul(torch.autograd.Function):
@@ -103,12 +177,12 @@ class SiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return K.silu_mul(gate, up)
+        return _silu_mul(gate, up)
 
     @staticmethod
     def backward(ctx, grad_h):
         gate, up = ctx.saved_tensors
-        return K.silu_mul_backward(gate, up, grad_h)
+        return _silu_mul_backward(gate, up, grad_h)
 
 
 # -- swapping the forwards --------------------------------------------------------------------
@@ -123,9 +197,9 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = names[0]
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
-    # Drawn on x's device from the global generator (no host sync): seeded runs repeat, and
-    # activation checkpointing, which restores the RNG state for its recompute, draws it again.
-    seed = torch.randint(K.SEED_LIMIT, (), device=x.device) if p > 0 else None
+    # Drawn from the global CPU generator: seeded runs repeat, and activation checkpointing
+    # (which restores the RNG state for its recompute) draws the same seed again.
+    seed = int(torch.randint(2**62, ())) if p > 0 else 0
     base = self.get_base_layer()
     w, scb = int8_state(base) if base.weight.dtype == torch.int8 else (base.weight, None)
     return LoraLinear.apply(
