@@ -80,6 +80,12 @@ def build_base(work: Path) -> tuple[Path, Path]:
     return base, tok_dir
 
 
+def git_commit() -> str | None:
+    """The commit measured (None where the copy has no git metadata)."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
 def prepare(work: Path, mean_tokens: float, sigma: float) -> tuple[Path, Path, Path]:
     """(base model dir, tokenizer dir, synthetic data file) under ``work``, built if missing."""
     base, tok = build_base(work)
@@ -153,6 +159,7 @@ def main() -> None:
             "peak_gb": round(result["peak_gb"], 2),
             "mfu": round(tokens * 4 * N_PARAMS / PEAK_FLOPS, 4),
             "mean_tokens": a.mean_tokens, "sigma": a.sigma, "steps_timed": result["steps_timed"],
+            "commit": git_commit(),
             "command": shlex.join(cmd).replace(str(ROOT) + "/", ""),
         }
         rows.append(row)
