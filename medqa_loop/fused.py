@@ -21,7 +21,8 @@ Measured on Mistral-7B without checkpointing (bf16, 2k-token rows, BENCHMARKS.md
 with the stock modules and SDPA, 19 GB with these and varlen attention (~5 MB of activations a
 token over 32 layers, from ~12). ``use_fused_ops`` swaps the forward of each module instance;
 parameters, state dicts, PEFT saving/merging and hooks on the modules are unchanged, and
-anything the fused path does not cover (merged or disabled adapters, several adapters, trainable norms) runs the stock forward.
+anything the fused path does not cover (merged or disabled adapters, several adapters,
+trainable norms) runs the stock forward.
 """
 
 from __future__ import annotations
