@@ -82,8 +82,11 @@ def build_base(work: Path) -> tuple[Path, Path]:
 
 def git_commit() -> str | None:
     """The commit measured (None where the copy has no git metadata)."""
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return proc.stdout.strip() or None if proc.returncode == 0 else None
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:  # no git on the machine
+        return None
+    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
 
 
 def prepare(work: Path, mean_tokens: float, sigma: float) -> tuple[Path, Path, Path]:
