@@ -98,7 +98,7 @@ def varlen_attention(
     ([B, T, H, D], None). Packed (``cu_seq_lens_q`` given, one row): per-pair causal attention."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    batch, heads, length, dim = query.shape
+    batch, dim = query.size(0), query.size(-1)
     windowed = sliding_window is not None and max_length_q is not None and max_length_q > sliding_window
     if cu_seq_lens_q is None or batch != 1 or dropout > 0 or windowed:
         return sdpa_attention_forward(
