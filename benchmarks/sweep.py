@@ -143,7 +143,7 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Mistral-7B, int8 base (dequant path), bf16, LoRA r16 x7 — {gpu}")
+    fig.suptitle(f"Mistral-7B, int8 base (dequant path), bf16, LoRA r16 x7, fused ops, varlen attention — {gpu}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
