@@ -11,6 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 
 
+def rel(a, b) -> float:
+    """Relative L2 distance of a from b, in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """The embedded default config writing into a fresh temporary run directory."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import rel
 from medqa_loop import attention
 from medqa_loop.attention import varlen_attention, varlen_kwargs
 from medqa_loop.data import collate
@@ -34,10 +35,6 @@ def qkv(lengths, heads, kv_heads, dim, dtype=torch.float32, device="cpu", seed=0
         torch.randn(1, h, t, dim, generator=gen, dtype=dtype, device=device).requires_grad_()
         for h in (heads, kv_heads, kv_heads)
     ]
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def block_causal_mask(lengths):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
+from conftest import rel
 from medqa_loop import fused
 from medqa_loop.data import collate
 from medqa_loop.fused import LoraLinear, RMSNormFn, SiluMul, seeded_dropout, use_fused_ops
@@ -12,10 +13,6 @@ from medqa_loop.loop import forward_loss_sum
 from medqa_loop.train import build_parts
 
 F64 = torch.float64
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # -- the autograd functions alone ------------------------------------------------------------

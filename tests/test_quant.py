@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import rel
 from medqa_loop.quant import DequantLinear, int8_state, use_dequant_matmul
 
 
@@ -13,10 +14,6 @@ def int8_linear(w: torch.Tensor):
     layer = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False, threshold=6.0)
     layer.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
     return layer.to("cpu").eval()  # quantizes on placement, like from_pretrained
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_dequant_matches_bitsandbytes_and_is_closer_to_the_weights():
