@@ -8,7 +8,7 @@ same build_parts as the entry point) and runs real optimizer windows at each set
 
 Writes sweep.jsonl and sweep.png (two panels: peak GB, samples/s) to --out. ``--profile`` runs
 one more window at that row size (checkpointing with --profile-gc) under torch.profiler and prints where
-the GPU time goes (kernel table) and how much of the window the GPU was busy.
+the GPU time goes (kernel table) and GPU kernel time against wall time.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main() -> None:
         f"data.dataset={a.data}", "data.pack_tokens=16384", *a.set,
     ])
     parts = build_parts(cfg, overwrite=True)
-    acc, model = parts.accelerator, parts.model
+    model = parts.model
     model.train()  # from_pretrained returns eval mode, where HF skips activation checkpointing
     lengths = [len(e["input_ids"]) for e in parts.train_examples]
     windows = accumulation_windows(epoch_order(len(lengths), cfg.seed, 0), 1, 16)
@@ -71,19 +71,11 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             secs, pairs, tokens = 0.0, 0, 0
             try:
+                cfg.data.pack_tokens = budget
                 for w, window in enumerate(windows[: a.windows + 1]):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    cfg.data.pack_tokens = budget
-                    batches = window_batches(window, parts.train_examples, cfg, parts.collate_fn, acc.device)
-                    counts = window_counts(acc, batches)
-                    backward_window(acc, model, batches, counts[0])
-                    acc.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], 0.3)
-                    parts.optimizer.step()
-                    parts.optimizer.zero_grad(set_to_none=True)
-                    torch.cuda.synchronize()
+                    wall, counts, _ = optimizer_window(parts, cfg, window)
                     if w:  # the first window warms up kernels and the allocator
-                        secs += time.perf_counter() - t0
+                        secs += wall
                         pairs += int(counts[3])
                         tokens += int(counts[2])
                 row = {"tokens_per_micro_batch": budget, "checkpointing": gc, "samples_per_s": pairs / secs,
@@ -101,26 +93,36 @@ def main() -> None:
         profile_window(parts, cfg, windows[1])
 
 
+def optimizer_window(parts, cfg, window) -> tuple[float, torch.Tensor, int]:
+    """One optimizer step over ``window`` as the loop makes it (micro-batches, backward, clip,
+    step): (wall seconds, loop.window_counts, micro-batches)."""
+    acc, model = parts.accelerator, parts.model
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    batches = window_batches(window, parts.train_examples, cfg, parts.collate_fn, acc.device)
+    counts = window_counts(acc, batches)
+    backward_window(acc, model, batches, counts[0])
+    acc.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], cfg.train.max_grad_norm)
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, counts, len(batches)
+
+
 def profile_window(parts, cfg, window) -> None:
-    """One window (forward, backward, optimizer step) under torch.profiler: the top kernels by
-    GPU time, and GPU busy time against wall time (a gap means the CPU cannot feed the GPU)."""
+    """One optimizer window under torch.profiler: the top kernels by GPU time, and GPU kernel
+    time against wall time (a gap means the CPU cannot feed the GPU)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    acc, model = parts.accelerator, parts.model
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        batches = window_batches(window, parts.train_examples, cfg, parts.collate_fn, acc.device)
-        backward_window(acc, model, batches, window_counts(acc, batches)[0])
-        parts.optimizer.step()
-        parts.optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
+        wall, _, micro_batches = optimizer_window(parts, cfg, window)
     events = prof.key_averages()
     print(events.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
-    busy = sum(e.self_device_time_total for e in events) / 1e6
-    print(json.dumps({"profile_tokens": cfg.data.pack_tokens, "wall_s": wall, "gpu_busy_s": busy,
-                      "micro_batches": len(batches)}), flush=True)
+    # Kernels only: an op's self device time repeats the time of the kernels it launched.
+    busy = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
+    print(json.dumps({"profile_tokens": cfg.data.pack_tokens, "wall_s": wall, "gpu_kernel_s": busy,
+                      "micro_batches": micro_batches}), flush=True)
 
 
 def plot(rows: list[dict], path: Path, gpu: str) -> None:
