@@ -15,7 +15,7 @@ backward. The stock modules save a lot that backward can cheaply recompute:
 * SiLU(gate) * up keeps gate, SiLU(gate) and up; ``SiluMul`` keeps gate and up.
 
 The elementwise maths of the norm and SwiGLU (forward and backward) runs as one compiled kernel
-each on CUDA (``_Kernel``), eagerly on the CPU.
+each on CUDA (``medqa_loop.kernel``), eagerly on the CPU; so does LoRA's dropout.
 
 Measured on Mistral-7B without checkpointing (bf16, 2k-token rows, BENCHMARKS.md): 32 GB peak
 with the stock modules and SDPA, 19 GB with these and varlen attention (~5 MB of activations a
@@ -27,54 +27,61 @@ trainable norms) runs the stock forward.
 
 from __future__ import annotations
 
-import functools
 import types
-import warnings
 
 import torch
 import torch.nn.functional as F
 
+from medqa_loop.kernel import Kernel
 from medqa_loop.quant import int8_linear, int8_linear_grad_input, int8_state, uses_dequant_matmul
 
-_generators: dict[torch.device, torch.Generator] = {}
+# Dropout's keep mask as an integer hash of (seed, element index): the same seed gives the same
+# mask on every device and in every kernel, so backward recomputes it inside the kernel that
+# uses it, and no mask or dropped copy of the input is ever stored. The hash (xorshift-multiply
+# rounds, as in Wellons' "hash prospector" finalizers) keeps its values in 32 bits: with odd
+# multipliers below 2**31 every product stays below 2**63, exact in int64 on the CPU and in
+# Triton alike. The index is mixed with the seed by xor before any multiply, so no compiler can
+# fold the multiplies into 32-bit index arithmetic (which 8bdd196's hash tripped over).
+_M32 = 0xFFFF_FFFF
+_ROUNDS = ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (16, 0x297A2D39))
 
 
-def dropout_keep(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The 0/1 keep mask of dropout at rate p, in x's dtype: a pure function of (seed, shape,
-    device), so backward draws it again instead of keeping it."""
-    gen = _generators.get(x.device)
-    if gen is None:
-        gen = _generators[x.device] = torch.Generator(device=x.device)
-    gen.manual_seed(seed)
-    return torch.empty_like(x).bernoulli_(1.0 - p, generator=gen)
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    for shift, mult in _ROUNDS:
+        h = ((h ^ (h >> shift)) * mult) & _M32
+    return h ^ (h >> 16)
 
 
-def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Inverted dropout with the mask of ``dropout_keep``."""
-    return x * dropout_keep(x, p, seed) * (1.0 / (1.0 - p))
+def dropout_args(p: float, seed: int, numel: int) -> tuple[int, int, int]:
+    """(low key, high key, threshold) for the kernels: a 64-bit seed split in two 32-bit keys,
+    and the drop threshold on the 32-bit hash (an element is kept with probability 1 - p)."""
+    if numel > 2**32:
+        raise ValueError(f"dropout over {numel} elements: the 32-bit hash index would repeat")
+    return seed & _M32, (seed >> 32) & _M32, round(p * 2**32)
 
 
-class _Kernel:
-    """A small elementwise function run as one fused kernel (torch.compile) on CUDA, eagerly
-    elsewhere. Eager PyTorch runs each op of it as its own kernel with its own pass over memory
-    (SwiGLU's backward: a dozen passes over [tokens, 14336] fp32 tensors). If compilation fails
-    (no Triton, an old GPU) the eager function is used, with one warning."""
+def _keep(x: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
+    # Two keyed rounds: with one, two seeds' masks would be permutations of each other.
+    index = torch.arange(x.numel(), device=x.device).view(x.shape)
+    return _mix32(_mix32(index ^ lo) ^ hi) >= threshold
 
-    def __init__(self, fn):
-        self.fn, self.compiled = fn, None
-        functools.update_wrapper(self, fn)
 
-    def __call__(self, *args):
-        if not args[0].is_cuda or self.compiled is False:
-            return self.fn(*args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True)
-        try:
-            return self.compiled(*args)
-        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, say so once
-            warnings.warn(f"torch.compile of {self.fn.__name__} failed, running it eagerly: {e!r}")
-            self.compiled = False
-            return self.fn(*args)
+def keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Dropout's keep mask over x's shape (bool; x's values are not read): a pure function of
+    (p, seed, shape), the mask LoraLinear applies."""
+    return _keep(x, *dropout_args(p, seed, x.numel()))
+
+
+@Kernel
+def _dropped(x, lo: int, hi: int, threshold: int):
+    """x with dropout's dropped elements zeroed (not rescaled: callers scale r-wide results)."""
+    return x * _keep(x, lo, hi, threshold)
+
+
+@Kernel
+def _plus_dropped(base, y, lo: int, hi: int, threshold: int):
+    """base + y with y's dropped elements zeroed (the mask of the same seed over y's shape)."""
+    return base + y * _keep(y, lo, hi, threshold)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -82,25 +89,25 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-@_Kernel
+@Kernel
 def _rmsnorm(x, weight, eps: float):
     rstd = torch.rsqrt(_f32(x).pow(2).mean(-1, keepdim=True) + eps)
     return weight * (_f32(x) * rstd).to(x.dtype), rstd
 
 
-@_Kernel
+@Kernel
 def _rmsnorm_backward(x, weight, rstd, grad_y):
     x_hat = _f32(x) * rstd
     dy = _f32(grad_y) * _f32(weight)
     return (rstd * (dy - x_hat * (dy * x_hat).mean(-1, keepdim=True))).to(x.dtype)
 
 
-@_Kernel
+@Kernel
 def _silu_mul(gate, up):
     return F.silu(_f32(gate)).to(gate.dtype) * up
 
 
-@_Kernel
+@Kernel
 def _silu_mul_backward(gate, up, grad_h):
     g, grad_f = _f32(gate), _f32(grad_h)
     sig = torch.sigmoid(g)
@@ -113,20 +120,22 @@ class LoraLinear(torch.autograd.Function):
 
     Matmuls run in x's dtype (A, B are cast; their gradients are returned in their own dtype,
     fp32, as autocast would). An int8 W (``scb`` given) goes through quant.int8_linear. Saved:
-    x, W (int8 or frozen, no copy), A, B, dropout(x) A^T. Dropout's 1/(1-p) is applied to the
-    r-wide tensors, so the full-width work is one mask and one multiply.
+    x, W (int8 or frozen, no copy), A, B, dropout(x) A^T. The dropout mask is the hash of
+    ``seed`` (keep_mask), applied inside the kernel that reads x (forward: one pass; backward:
+    one pass for A's gradient, and x's gradient adds its LoRA part masked in the same pass).
+    Dropout's 1/(1-p) is applied to the r-wide tensors.
     """
 
     @staticmethod
     def forward(ctx, x, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed: int):
         dtype = x.dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        x2 = x.reshape(-1, x.size(-1))  # 2-D here and in backward: the same dropout mask
+        x2 = x.reshape(-1, x.size(-1))  # 2-D here and in backward: the same mask indices
         y = int8_linear(x2, w, scb) if scb is not None else F.linear(x2, w.to(dtype))
         if bias is not None:
             y.add_(bias.to(dtype))
         if p > 0:
-            xa = F.linear(x2 * dropout_keep(x2, p, seed), a).mul_(1.0 / (1.0 - p))
+            xa = F.linear(_dropped(x2, *dropout_args(p, seed, x2.numel())), a).mul_(1.0 / (1.0 - p))
         else:
             xa = F.linear(x2, a)
         y.addmm_(xa, b.t(), alpha=scale)
@@ -138,21 +147,19 @@ class LoraLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w, scb, lora_a, lora_b, xa = ctx.saved_tensors
         p, dtype = ctx.p, grad_y.dtype
+        drop = dropout_args(p, ctx.seed, x.numel())
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         g = grad_y.reshape(-1, grad_y.size(-1))
         x2 = x.reshape(-1, x.size(-1))
         grad_b = (g.t() @ xa).mul_(ctx.scale).to(lora_b.dtype)
         # d loss / d (masked x A^T): r wide, so dropout's 1/(1-p) is cheap to apply here.
         g_xa = (g @ b).mul_(ctx.scale / (1.0 - p))
-        keep = dropout_keep(x2, p, ctx.seed) if p > 0 else None
-        grad_a = (g_xa.t() @ (x2 * keep if p > 0 else x2)).to(lora_a.dtype)
+        grad_a = (g_xa.t() @ (_dropped(x2, *drop) if p > 0 else x2)).to(lora_a.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:  # the first layer's input comes from frozen embeddings
-            lora_part = g_xa @ a
-            if p > 0:
-                lora_part.mul_(keep)  # the same mask as in forward
             base = int8_linear_grad_input(g, w, scb) if scb is not None else g @ w.to(dtype)
-            grad_x = base.add_(lora_part).view_as(x)
+            lora_part = g_xa @ a  # masked with the forward's mask as it is added
+            grad_x = (_plus_dropped(base, lora_part, *drop) if p > 0 else base.add_(lora_part)).view_as(x)
         return grad_x, None, None, None, grad_a, grad_b, None, None, None
 
 

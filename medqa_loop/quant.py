@@ -3,8 +3,8 @@
 bitsandbytes' LLM.int8 matmul quantizes the *activations* to int8 on every call (and splits off
 outlier columns in fp16); on an H100 its backward is the slowest part of a LoRA step. Here the
 frozen weight stays bitsandbytes' int8 (row-wise absmax, ``CB``/``SCB``) and is dequantized to
-the activation dtype right before a regular matmul (the row scales go on the output), in the
-forward and again in the backward.
+the activation dtype right before a regular matmul, in the forward and again in the backward:
+one compiled kernel reads the int8 weight and its row scales and writes the scaled weight.
 Nothing but the int8 weight is kept between forward and backward (the input is not saved: the
 frozen weight needs no gradient), so no full-precision copy of the base is ever alive for
 longer than one matmul. Numerically it is weight-only int8 quantization: closer to the
@@ -18,6 +18,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from medqa_loop.kernel import Kernel
+
 
 def int8_state(module) -> tuple[torch.Tensor, torch.Tensor]:
     """(CB int8 [out, in], SCB fp32 [out]) of a bitsandbytes Linear8bitLt.
@@ -30,17 +32,24 @@ def int8_state(module) -> tuple[torch.Tensor, torch.Tensor]:
     return module.weight.data, scb
 
 
+@Kernel
+def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W = CB * SCB/127 in ``dtype``, computed in at least fp32 and rounded once, as
+    bitsandbytes dequantizes. One pass over the weight (~1 ms for a 4096 x 14336 projection on
+    an H100); scaling the matmul's output instead costs a pass over [tokens, out], which is
+    larger than the weight once a batch holds more than ~3k tokens (BENCHMARKS.md, run H)."""
+    wide = torch.promote_types(dtype, torch.float32)
+    return (cb.to(wide) * (scb * (1 / 127.0)).to(wide)[:, None]).to(dtype)
+
+
 def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    """x W^T for W = CB * SCB/127, as (x CB^T) * SCB/127: the int8 values are exact in bf16, so
-    the weight is only cast (one pass over it instead of cast-then-scale) and the row scales go
-    on the output, in fp32 with one rounding. (PyTorch runs that mixed-dtype multiply in an
-    unvectorised kernel: 0.09 s of a 16-pair window on an H100, BENCHMARKS.md run F.)"""
-    return F.linear(x, cb.to(x.dtype)).mul_(scb * (1 / 127.0))
+    """x W^T for the int8 weight (CB, SCB)."""
+    return F.linear(x, dequantize(cb, scb, x.dtype))
 
 
 def int8_linear_grad_input(grad_out: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    """d(x W^T)/dx applied to grad_out: (grad_out * SCB/127) CB."""
-    return (grad_out * (scb * (1 / 127.0)).to(grad_out.dtype)) @ cb.to(grad_out.dtype)
+    """d(x W^T)/dx applied to grad_out: grad_out W."""
+    return grad_out @ dequantize(cb, scb, grad_out.dtype)
 
 
 class DequantLinear(torch.autograd.Function):
