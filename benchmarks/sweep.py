@@ -4,7 +4,7 @@ same build_parts as the entry point) and runs real optimizer windows at each set
 
   python benchmarks/sweep.py --out DIR [--workdir /tmp/bench | --base DIR --tokenizer DIR --data FILE]
       [--tokens 4096,8192,16384] [--tokens-nogc 1024,2048,3072,4096] [--set key=value ...]
-      [--profile TOKENS [--profile-gc]]
+      [--profile TOKENS [--profile-gc] [--trace FILE.json.gz]]
 
 Writes sweep.jsonl and sweep.png (two panels: peak GB, samples/s) to --out. ``--profile`` runs
 one more window at that row size (checkpointing with --profile-gc) under torch.profiler and prints where
@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="config overrides, as for medqa_loop.train")
     p.add_argument("--profile", type=int, default=0, help="profile one window at this row size")
     p.add_argument("--profile-gc", action="store_true", help="... with activation checkpointing")
+    p.add_argument("--trace", help="write the profiled window's Chrome trace here (.json.gz)")
     p.add_argument("--windows", type=int, default=3, help="timed windows per setting (+1 warm-up)")
     a = p.parse_args()
     out = Path(a.out)
@@ -69,17 +70,19 @@ def main() -> None:
         for budget in [int(t) for t in budgets.split(",") if t]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            secs, pairs, tokens = 0.0, 0, 0
+            walls, launches, pairs, tokens = [], [], 0, 0
             try:
                 cfg.data.pack_tokens = budget
                 for w, window in enumerate(windows[: a.windows + 1]):
-                    wall, counts, _ = optimizer_window(parts, cfg, window)
+                    wall, launched, counts, _ = optimizer_window(parts, cfg, window)
                     if w:  # the first window warms up kernels and the allocator
-                        secs += wall
+                        walls.append(round(wall, 4))
+                        launches.append(round(launched, 4))
                         pairs += int(counts[3])
                         tokens += int(counts[2])
-                row = {"tokens_per_micro_batch": budget, "checkpointing": gc, "samples_per_s": pairs / secs,
-                       "tokens_per_s": tokens / secs, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+                row = {"tokens_per_micro_batch": budget, "checkpointing": gc, "samples_per_s": pairs / sum(walls),
+                       "tokens_per_s": tokens / sum(walls), "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+                       "window_s": walls, "launch_s": launches}
             except torch.OutOfMemoryError:
                 parts.optimizer.zero_grad(set_to_none=True)
                 row = {"tokens_per_micro_batch": budget, "checkpointing": gc, "oom": True}
@@ -90,12 +93,13 @@ def main() -> None:
     if a.profile:
         cfg.data.pack_tokens = a.profile
         set_checkpointing(model, a.profile_gc)
-        profile_window(parts, cfg, windows[1])
+        profile_window(parts, cfg, windows[1], a.trace)
 
 
-def optimizer_window(parts, cfg, window) -> tuple[float, torch.Tensor, int]:
+def optimizer_window(parts, cfg, window) -> tuple[float, float, torch.Tensor, int]:
     """One optimizer step over ``window`` as the loop makes it (micro-batches, backward, clip,
-    step): (wall seconds, loop.window_counts, micro-batches)."""
+    step): (wall seconds, seconds until the CPU had queued all its GPU work, loop.window_counts,
+    micro-batches). Where the two are close, the CPU, not the GPU, sets the pace."""
     acc, model = parts.accelerator, parts.model
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -105,20 +109,23 @@ def optimizer_window(parts, cfg, window) -> tuple[float, torch.Tensor, int]:
     acc.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], cfg.train.max_grad_norm)
     parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
+    launched = time.perf_counter() - t0
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, counts, len(batches)
+    return time.perf_counter() - t0, launched, counts, len(batches)
 
 
-def profile_window(parts, cfg, window) -> None:
+def profile_window(parts, cfg, window, trace: str | None = None) -> None:
     """One optimizer window under torch.profiler: the top kernels by GPU time, and GPU kernel
     time against wall time (a gap means the CPU cannot feed the GPU)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall, _, micro_batches = optimizer_window(parts, cfg, window)
+        wall, _, _, micro_batches = optimizer_window(parts, cfg, window)
+    if trace:
+        prof.export_chrome_trace(trace)
     events = prof.key_averages()
-    print(events.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70), flush=True)
     # Kernels only: an op's self device time repeats the time of the kernels it launched.
     busy = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
     print(json.dumps({"profile_tokens": cfg.data.pack_tokens, "wall_s": wall, "gpu_kernel_s": busy,

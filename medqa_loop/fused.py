@@ -37,19 +37,20 @@ from medqa_loop.quant import int8_linear, int8_linear_grad_input, int8_state, us
 
 # Dropout's keep mask as an integer hash of (seed, element index): the same seed gives the same
 # mask on every device and in every kernel, so backward recomputes it inside the kernel that
-# uses it, and no mask or dropped copy of the input is ever stored. The hash (xorshift-multiply
-# rounds, as in Wellons' "hash prospector" finalizers) keeps its values in 32 bits: with odd
-# multipliers below 2**31 every product stays below 2**63, exact in int64 on the CPU and in
-# Triton alike. The index is mixed with the seed by xor before any multiply, so no compiler can
-# fold the multiplies into 32-bit index arithmetic (which 8bdd196's hash tripped over).
+# uses it, and no mask or dropped copy of the input is ever stored. The hash is the two-multiply
+# 32-bit finalizer "[16 21f0aaad 15 735a2d97 15]" of Wellons' hash prospector (avalanche close
+# to murmur3's). Its multipliers are below 2**31, so every product of a 32-bit value stays below
+# 2**63: exact in int64 on the CPU and in Triton alike. The key enters by xor and add before
+# any multiply, so no compiler can fold the multiplies into 32-bit index arithmetic (which
+# 8bdd196's hash tripped over). Integer multiplies, not memory, bound this kernel on an H100:
+# three-multiply rounds twice over ran at half the speed (BENCHMARKS.md, run H).
 _M32 = 0xFFFF_FFFF
-_ROUNDS = ((16, 0x7FEB352D), (15, 0x2C1B3C6D), (16, 0x297A2D39))
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    for shift, mult in _ROUNDS:
-        h = ((h ^ (h >> shift)) * mult) & _M32
-    return h ^ (h >> 16)
+def _hash32(h: torch.Tensor) -> torch.Tensor:
+    h = ((h ^ (h >> 16)) * 0x21F0AAAD) & _M32
+    h = ((h ^ (h >> 15)) * 0x735A2D97) & _M32
+    return h ^ (h >> 15)
 
 
 def dropout_args(p: float, seed: int, numel: int) -> tuple[int, int, int]:
@@ -61,9 +62,10 @@ def dropout_args(p: float, seed: int, numel: int) -> tuple[int, int, int]:
 
 
 def _keep(x: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
-    # Two keyed rounds: with one, two seeds' masks would be permutations of each other.
+    # (index ^ lo) + hi mod 2**32 is a bijection of the index for each 64-bit seed, so each
+    # element gets its own hash input; the hash makes the masks of two seeds independent.
     index = torch.arange(x.numel(), device=x.device).view(x.shape)
-    return _mix32(_mix32(index ^ lo) ^ hi) >= threshold
+    return _hash32(((index ^ lo) + hi) & _M32) >= threshold
 
 
 def keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:

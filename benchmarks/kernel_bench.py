@@ -1,7 +1,7 @@
 """GPU time of the compiled elementwise kernels at the shapes of a 16-pair window of Mistral-7B
 (~7.5k tokens), against the eager ops they replace and against the memory-bandwidth bound.
 
-  python benchmarks/kernels.py [--tokens 7500] [--out results.jsonl]
+  python benchmarks/kernel_bench.py [--tokens 7500] [--out results.jsonl]
 
 For each kernel: milliseconds per call (median of 20 after warm-up), the bytes it must read and
 write, and the effective GB/s. A kernel near the GPU's bandwidth (~3 TB/s on an H100 SXM) is as
