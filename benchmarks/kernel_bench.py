@@ -3,9 +3,10 @@
 
   python benchmarks/kernel_bench.py [--tokens 7500] [--out results.jsonl]
 
-For each kernel: milliseconds per call (median of 20 after warm-up), the bytes it must read and
-write, and the effective GB/s. A kernel near the GPU's bandwidth (~3 TB/s on an H100 SXM) is as
-fast as a separate elementwise pass can be; one far below it is compute- or launch-bound.
+For each kernel: milliseconds per call (median of 20 after warm-up, CUDA events around one
+call, so a call whose CPU side outlasts its kernel is timed by its CPU side), the bytes it must
+read and write, and the effective GB/s. A kernel near the GPU's bandwidth (~3 TB/s on an H100
+SXM) is as fast as a separate elementwise pass can be.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 
 import torch
 
-from medqa_loop import fused, quant
+from medqa_loop import dropout, quant
 
 
 def gpu_ms(fn, reps: int = 20) -> float:
@@ -50,10 +51,10 @@ def main() -> None:
     for width in (4096, 14336):
         x = torch.randn(t, width, device="cuda", generator=gen).to(bf16)
         y = torch.randn_like(x)
-        drop = fused.dropout_args(0.1, 2**40 + 7, x.numel())
+        drop = dropout.dropout_args(0.1, 2**40 + 7, x.numel())
         n = x.numel()
-        report(f"dropped [{t},{width}] (hash mask, compiled)", lambda: fused._dropped(x, *drop), 4 * n)
-        report(f"plus_dropped [{t},{width}] (compiled)", lambda: fused._plus_dropped(y, x, *drop), 6 * n)
+        report(f"dropped [{t},{width}] (hash mask, Triton)", lambda: dropout.dropped(x, drop), 4 * n)
+        report(f"plus_dropped [{t},{width}] (Triton)", lambda: dropout.plus_dropped(y, x, drop), 6 * n)
         report(f"eager bernoulli mask * x [{t},{width}] (before)",
                lambda: x * torch.empty_like(x).bernoulli_(0.9), 4 * n)
         report(f"copy [{t},{width}] (bandwidth reference)", lambda: x.clone(), 4 * n)
@@ -61,7 +62,7 @@ def main() -> None:
         cb = torch.randint(-127, 128, (out_f, in_f), device="cuda", generator=gen, dtype=torch.int8)
         scb = torch.rand(out_f, device="cuda", generator=gen) + 0.5
         x = torch.randn(t, in_f, device="cuda", generator=gen).to(bf16)
-        report(f"dequantize [{out_f},{in_f}] (compiled)", lambda: quant.dequantize(cb, scb, bf16), 3 * cb.numel())
+        report(f"dequantize [{out_f},{in_f}] (Triton)", lambda: quant.dequantize(cb, scb, bf16), 3 * cb.numel())
         report(f"int8_linear [{t}x{in_f}x{out_f}] (dequantize + matmul)",
                lambda: quant.int8_linear(x, cb, scb), 3 * cb.numel() + 2 * x.numel() + 2 * t * out_f)
         report(f"cast + matmul + output scale [{t}x{in_f}x{out_f}] (before)",

@@ -4,9 +4,10 @@ A packed row (data.collate) holds many pairs. Through SDPA that needs a block-di
 mask, and SDPA's masked kernel computes every block of it: for a 2k-token row of four pairs
 three quarters of the attention work is thrown away, for an 8k row of 17 pairs 94% (measured:
 about half of a step's time went there). ``varlen`` hands FlashAttention the pairs' boundaries
-(``cu_seq_lens``, made by the collate) instead, through ``torch.nn.attention.varlen`` on CUDA in
-bf16/fp16, so the work is that of the pairs alone. Where that kernel cannot run (CPU, fp32) the
-same boundaries drive one causal SDPA per pair; tests check both against SDPA with the mask.
+(``cu_seq_lens``, made by the collate) instead, through aten's FlashAttention-2 varlen kernel
+on CUDA in bf16/fp16, so the work is that of the pairs alone. Where that kernel cannot run (CPU,
+fp32) the same boundaries drive one causal SDPA per pair; tests check both against SDPA with
+the mask.
 
 ``model.attn_implementation: varlen`` registers this under that name with transformers. Batches
 without boundaries (padded batches, generation with a KV cache) go to transformers' own SDPA,
@@ -14,9 +15,6 @@ for which the same name gets the SDPA mask.
 """
 
 from __future__ import annotations
-
-import functools
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -34,38 +32,20 @@ def varlen_kwargs(batch: dict[str, torch.Tensor]) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-@functools.cache
-def _flash_params() -> frozenset[str]:
-    """The keyword arguments this torch's varlen_attn takes: its first release (2.10) had
-    ``is_causal`` and no ``scale``/``enable_gqa``; later ones have ``window_size`` and both."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    return frozenset(inspect.signature(varlen_attn).parameters)
-
-
-def flash_available(query: torch.Tensor, scale: float) -> bool:
-    if not (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)):
-        return False
-    try:
-        params = _flash_params()
-    except ImportError:  # torch < 2.10
-        return False
-    return "scale" in params or scale == query.size(-1) ** -0.5
+def flash_available(query: torch.Tensor) -> bool:
+    return query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
 
 
 def _flash(q, k, v, cu, longest: int, scale: float) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = _flash_params()
-    kwargs = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    if "scale" in params:
-        kwargs["scale"] = scale
-    if "enable_gqa" in params:
-        kwargs["enable_gqa"] = True
-    else:  # query head h reads KV head h // n_rep, as transformers' repeat_kv
-        n_rep = q.size(1) // k.size(1)
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
+    """FlashAttention-2 over the pairs of a packed row ([T, H, D] in and out): aten's varlen
+    kernel, the one ``torch.nn.attention.varlen.varlen_attn`` runs on. Called directly because
+    it takes grouped K/V as they are (8 KV heads for Mistral's 32), while varlen_attn accepts
+    them only in releases after 2.11 (``enable_gqa``); repeating K/V to 32 heads first cost two
+    copies a layer and their reductions in backward. The op is differentiable (its backward is
+    aten's _flash_attention_backward)."""
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, longest, longest, 0.0, True, False, scale=scale
+    )[0]
 
 
 def _per_pair(q, k, v, cu, scale: float) -> torch.Tensor:
@@ -107,7 +87,7 @@ def varlen_attention(
         )
     scale = dim**-0.5 if scaling is None else scaling
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
-    if flash_available(q, scale):
+    if flash_available(q):
         out = _flash(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq_lens_q, max_length_q, scale)
     else:
         out = _per_pair(q, k, v, cu_seq_lens_q, scale)

@@ -15,7 +15,8 @@ backward. The stock modules save a lot that backward can cheaply recompute:
 * SiLU(gate) * up keeps gate, SiLU(gate) and up; ``SiluMul`` keeps gate and up.
 
 The elementwise maths of the norm and SwiGLU (forward and backward) runs as one compiled kernel
-each on CUDA (``medqa_loop.kernel``), eagerly on the CPU; so does LoRA's dropout.
+each on CUDA (``medqa_loop.compiled``), eagerly on the CPU. LoRA's dropout is a hash of a seed
+(``medqa_loop.dropout``), applied inside the passes that read the input.
 
 Measured on Mistral-7B without checkpointing (bf16, 2k-token rows, BENCHMARKS.md): 32 GB peak
 with the stock modules and SDPA, 19 GB with these and varlen attention (~5 MB of activations a
@@ -32,59 +33,9 @@ import types
 import torch
 import torch.nn.functional as F
 
-from medqa_loop.kernel import Kernel
+from medqa_loop.compiled import Kernel
+from medqa_loop.dropout import dropout_args, dropped, plus_dropped
 from medqa_loop.quant import int8_linear, int8_linear_grad_input, int8_state, uses_dequant_matmul
-
-# Dropout's keep mask as an integer hash of (seed, element index): the same seed gives the same
-# mask on every device and in every kernel, so backward recomputes it inside the kernel that
-# uses it, and no mask or dropped copy of the input is ever stored. The hash is the two-multiply
-# 32-bit finalizer "[16 21f0aaad 15 735a2d97 15]" of Wellons' hash prospector (avalanche close
-# to murmur3's). Its multipliers are below 2**31, so every product of a 32-bit value stays below
-# 2**63: exact in int64 on the CPU and in Triton alike. The key enters by xor and add before
-# any multiply, so no compiler can fold the multiplies into 32-bit index arithmetic (which
-# 8bdd196's hash tripped over). Integer multiplies, not memory, bound this kernel on an H100:
-# three-multiply rounds twice over ran at half the speed (BENCHMARKS.md, run H).
-_M32 = 0xFFFF_FFFF
-
-
-def _hash32(h: torch.Tensor) -> torch.Tensor:
-    h = ((h ^ (h >> 16)) * 0x21F0AAAD) & _M32
-    h = ((h ^ (h >> 15)) * 0x735A2D97) & _M32
-    return h ^ (h >> 15)
-
-
-def dropout_args(p: float, seed: int, numel: int) -> tuple[int, int, int]:
-    """(low key, high key, threshold) for the kernels: a 64-bit seed split in two 32-bit keys,
-    and the drop threshold on the 32-bit hash (an element is kept with probability 1 - p)."""
-    if numel > 2**32:
-        raise ValueError(f"dropout over {numel} elements: the 32-bit hash index would repeat")
-    return seed & _M32, (seed >> 32) & _M32, round(p * 2**32)
-
-
-def _keep(x: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
-    # (index ^ lo) + hi mod 2**32 is a bijection of the index for each 64-bit seed, so each
-    # element gets its own hash input; the hash makes the masks of two seeds independent.
-    index = torch.arange(x.numel(), device=x.device).view(x.shape)
-    return _hash32(((index ^ lo) + hi) & _M32) >= threshold
-
-
-def keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Dropout's keep mask over x's shape (bool; x's values are not read): a pure function of
-    (p, seed, shape), the mask LoraLinear applies."""
-    return _keep(x, *dropout_args(p, seed, x.numel()))
-
-
-@Kernel
-def _dropped(x, lo: int, hi: int, threshold: int):
-    """x with dropout's dropped elements zeroed (not rescaled: callers scale r-wide results)."""
-    return x * _keep(x, lo, hi, threshold)
-
-
-@Kernel
-def _plus_dropped(base, y, lo: int, hi: int, threshold: int):
-    """base + y with y's dropped elements zeroed (the mask of the same seed over y's shape)."""
-    return base + y * _keep(y, lo, hi, threshold)
-
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """At least fp32 (fp64 stays fp64: the gradient checks run in it)."""
@@ -137,7 +88,7 @@ class LoraLinear(torch.autograd.Function):
         if bias is not None:
             y.add_(bias.to(dtype))
         if p > 0:
-            xa = F.linear(_dropped(x2, *dropout_args(p, seed, x2.numel())), a).mul_(1.0 / (1.0 - p))
+            xa = F.linear(dropped(x2, dropout_args(p, seed, x2.numel())), a).mul_(1.0 / (1.0 - p))
         else:
             xa = F.linear(x2, a)
         y.addmm_(xa, b.t(), alpha=scale)
@@ -156,12 +107,12 @@ class LoraLinear(torch.autograd.Function):
         grad_b = (g.t() @ xa).mul_(ctx.scale).to(lora_b.dtype)
         # d loss / d (masked x A^T): r wide, so dropout's 1/(1-p) is cheap to apply here.
         g_xa = (g @ b).mul_(ctx.scale / (1.0 - p))
-        grad_a = (g_xa.t() @ (_dropped(x2, *drop) if p > 0 else x2)).to(lora_a.dtype)
+        grad_a = (g_xa.t() @ (dropped(x2, drop) if p > 0 else x2)).to(lora_a.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:  # the first layer's input comes from frozen embeddings
             base = int8_linear_grad_input(g, w, scb) if scb is not None else g @ w.to(dtype)
             lora_part = g_xa @ a  # masked with the forward's mask as it is added
-            grad_x = (_plus_dropped(base, lora_part, *drop) if p > 0 else base.add_(lora_part)).view_as(x)
+            grad_x = (plus_dropped(base, lora_part, drop) if p > 0 else base.add_(lora_part)).view_as(x)
         return grad_x, None, None, None, grad_a, grad_b, None, None, None
 
 

@@ -18,7 +18,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from medqa_loop.kernel import Kernel
+from medqa_loop.compiled import triton_ops
 
 
 def int8_state(module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,12 +32,13 @@ def int8_state(module) -> tuple[torch.Tensor, torch.Tensor]:
     return module.weight.data, scb
 
 
-@Kernel
 def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """W = CB * SCB/127 in ``dtype``, computed in at least fp32 and rounded once, as
-    bitsandbytes dequantizes. One pass over the weight (~1 ms for a 4096 x 14336 projection on
-    an H100); scaling the matmul's output instead costs a pass over [tokens, out], which is
-    larger than the weight once a batch holds more than ~3k tokens (BENCHMARKS.md, run H)."""
+    bitsandbytes dequantizes; one Triton kernel on CUDA. One pass over the weight; scaling the
+    matmul's output instead costs a pass over [tokens, out], which is larger than the weight
+    once a batch holds more than ~3k tokens."""
+    if (gpu := triton_ops(cb)) is not None and dtype != torch.float64:
+        return gpu.dequantize(cb, scb, dtype)
     wide = torch.promote_types(dtype, torch.float32)
     return (cb.to(wide) * (scb * (1 / 127.0)).to(wide)[:, None]).to(dtype)
 

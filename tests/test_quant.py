@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import rel
@@ -69,3 +70,16 @@ def test_tiny_model_int8_paths(tiny_cfg):
             logits[path] = m(input_ids=ids).logits
     # Measured: dequant 2.8%, bnb 4.4% off the float model (a 2-layer random model, wide init).
     assert rel(logits["dequant"], logits["float"]) < min(0.04, rel(logits["bnb"], logits["float"]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA only")
+def test_cuda_dequantize_gives_the_reference_bits():
+    from medqa_loop.quant import dequantize
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for rows, cols in ((4096, 1024), (33, 4099)):  # one size off the kernel's tiles
+        cb = torch.randint(-127, 128, (rows, cols), device="cuda", generator=gen, dtype=torch.int8)
+        scb = torch.rand(rows, device="cuda", generator=gen) * 3
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            got, want = dequantize(cb, scb, dtype), dequantize(cb.cpu(), scb.cpu(), dtype)
+            assert got.dtype == dtype and torch.equal(got.cpu(), want), (rows, cols, dtype)

@@ -1,0 +1,54 @@
+"""LoRA dropout's hashed keep mask (medqa_loop.dropout): a function of the seed that behaves
+like independent Bernoulli draws, and the same bits from the CUDA kernels as from the reference."""
+
+import pytest
+import torch
+
+from medqa_loop.dropout import dropout_args, dropped, keep_mask, plus_dropped
+
+
+def test_keep_mask_is_a_function_of_the_seed_and_looks_random():
+    p, shape = 0.3, (1000, 1000)
+    x = torch.empty(shape)
+    a, b, c = keep_mask(x, p, 7), keep_mask(x, p, 7), keep_mask(x, p, 8)
+    assert a.dtype == torch.bool and a.shape == shape
+    assert torch.equal(a, b)  # same seed: the same mask
+    assert abs(a.float().mean().item() - (1 - p)) < 3e-3  # 1e6 draws: std ~5e-4
+    # Other seeds, including ones differing in one bit of either 32-bit key, give independent
+    # masks: they disagree where two independent draws would, on 2p(1-p) of the elements.
+    for other in (8, 7 ^ 1, 7 + 2**32, 7 ^ 2**61, 2**62 - 1):
+        differ = (a != keep_mask(x, p, other)).float().mean().item()
+        assert abs(differ - 2 * p * (1 - p)) < 3e-3, other
+    # No structure along rows or columns: neighbours are uncorrelated, every row and column
+    # keeps ~(1 - p) of its 1000 elements (std 0.0145; 6 std allows no systematic bias).
+    f = a.float() - a.float().mean()
+    for neighbours in ((f[:, 1:], f[:, :-1]), (f[1:], f[:-1])):
+        corr = (neighbours[0] * neighbours[1]).mean() / f.var()
+        assert abs(corr) < 5e-3
+    for dim in (0, 1):
+        assert (a.float().mean(dim) - (1 - p)).abs().max() < 0.09
+    assert keep_mask(x, 0.0, 7).all() and not keep_mask(x, 1.0, 7).any()
+
+
+def test_dropped_and_plus_dropped_apply_the_mask():
+    gen = torch.Generator().manual_seed(0)
+    x, base = torch.randn(64, 48, generator=gen), torch.randn(64, 48, generator=gen)
+    drop = dropout_args(0.25, 99, x.numel())
+    keep = keep_mask(x, 0.25, 99)
+    assert 0 < keep.sum() < keep.numel()
+    assert torch.equal(dropped(x, drop), torch.where(keep, x, 0.0))
+    assert torch.equal(plus_dropped(base, x, drop), torch.where(keep, base + x, base))
+    with pytest.raises(ValueError, match="would repeat"):
+        dropout_args(0.1, 1, 2**32 + 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+def test_cuda_kernels_give_the_reference_bits():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for rows, cols in ((1000, 256), (7, 4099), (3000, 14336)):  # sizes off the kernel's block too
+        x = torch.randn(rows, cols, device="cuda", generator=gen).bfloat16()
+        base = torch.randn_like(x)
+        for p, seed in ((0.1, 12345), (0.5, 2**61 + 2**40 + 7), (0.05, 2**62 - 1)):
+            drop = dropout_args(p, seed, x.numel())
+            assert torch.equal(dropped(x, drop).cpu(), dropped(x.cpu(), drop)), (rows, cols, p, seed)
+            assert torch.equal(plus_dropped(base, x, drop).cpu(), plus_dropped(base.cpu(), x.cpu(), drop))
