@@ -8,15 +8,17 @@ can be downloaded) on the GPU and saves it as safetensors, makes the synthetic S
 stand-in (benchmarks/synthetic.py), then runs each variant as its own process:
 `accelerate launch -m medqa_loop.train --config configs/recipe.yaml --set ...`. samples/s and
 real tokens/s are taken from metrics.jsonl over the steps after the first (start-up excluded);
-peak GB is torch.cuda.max_memory_allocated of the training process. MFU counts 4N FLOP per
-token (forward 2N + input-gradient 2N; the frozen base computes no weight gradient) against the
-H100 SXM's 989 TFLOP/s dense bf16. Appends to <out>/results.jsonl and <out>/BENCHMARKS.md.
+peak GB is torch.cuda.max_memory_allocated of the training process; each row names the code
+it measured (code_digest). MFU counts 4N FLOP per token (forward 2N + input-gradient 2N; the
+frozen base computes no weight gradient) against the H100 SXM's 989 TFLOP/s dense bf16.
+Appends to <out>/results.jsonl and <out>/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import shlex
 import subprocess
@@ -80,13 +82,14 @@ def build_base(work: Path) -> tuple[Path, Path]:
     return base, tok_dir
 
 
-def git_commit() -> str | None:
-    """The commit measured (None where the copy has no git metadata)."""
-    try:
-        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    except OSError:  # no git on the machine
-        return None
-    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
+def code_digest() -> str:
+    """sha256 (12 hex digits) of medqa_loop's source: identifies the code measured where the
+    copy's git metadata cannot (the lent GPU machine's copy reported a stale HEAD). The same
+    function over a checkout says which commit a row belongs to."""
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "medqa_loop").rglob("*.py")):
+        h.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def prepare(work: Path, mean_tokens: float, sigma: float) -> tuple[Path, Path, Path]:
@@ -162,7 +165,7 @@ def main() -> None:
             "peak_gb": round(result["peak_gb"], 2),
             "mfu": round(tokens * 4 * N_PARAMS / PEAK_FLOPS, 4),
             "mean_tokens": a.mean_tokens, "sigma": a.sigma, "steps_timed": result["steps_timed"],
-            "commit": git_commit(),
+            "code": code_digest(),
             "command": shlex.join(cmd).replace(str(ROOT) + "/", ""),
         }
         rows.append(row)

@@ -1,7 +1,7 @@
 """GPU time of the compiled elementwise kernels at the shapes of a 16-pair window of Mistral-7B
 (~7.5k tokens), against the eager ops they replace and against the memory-bandwidth bound.
 
-  python benchmarks/kernel_bench.py [--tokens 7500] [--out results.jsonl]
+  python benchmarks/kernel_bench.py [--tokens 7500] [--out benchmarks/kernel_results.jsonl]
 
 For each kernel: milliseconds per call (median of 20 after warm-up, CUDA events around one
 call, so a call whose CPU side outlasts its kernel is timed by its CPU side), the bytes it must

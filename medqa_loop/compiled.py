@@ -23,8 +23,9 @@ import torch
 
 class Kernel:
     """Wraps ``fn`` (tensor arguments first): compiled on its first CUDA call, with dynamic
-    shapes (one compilation serves every token count). If compilation fails (no Triton, an old
-    GPU) the eager function is used, with one warning."""
+    shapes (one compilation serves every token count, bar a few size classes that Triton
+    specializes on). If compilation fails (no Triton, an old GPU) the eager function is used,
+    with one warning."""
 
     def __init__(self, fn):
         self.fn, self.compiled = fn, None

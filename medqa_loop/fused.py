@@ -74,7 +74,7 @@ class LoraLinear(torch.autograd.Function):
     Matmuls run in x's dtype (A, B are cast; their gradients are returned in their own dtype,
     fp32, as autocast would). An int8 W (``scb`` given) goes through quant.int8_linear. Saved:
     x, W (int8 or frozen, no copy), A, B, dropout(x) A^T. The dropout mask is the hash of
-    ``seed`` (keep_mask), applied inside the kernel that reads x (forward: one pass; backward:
+    ``seed`` (medqa_loop.dropout), applied inside the kernel that reads x (forward: one pass; backward:
     one pass for A's gradient, and x's gradient adds its LoRA part masked in the same pass).
     Dropout's 1/(1-p) is applied to the r-wide tensors.
     """

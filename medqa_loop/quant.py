@@ -37,7 +37,7 @@ def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch
     bitsandbytes dequantizes; one Triton kernel on CUDA. One pass over the weight; scaling the
     matmul's output instead costs a pass over [tokens, out], which is larger than the weight
     once a batch holds more than ~3k tokens."""
-    if (gpu := triton_ops(cb)) is not None and dtype != torch.float64:
+    if (gpu := triton_ops(cb)) is not None and dtype != torch.float64:  # the kernel is fp32 inside
         return gpu.dequantize(cb, scb, dtype)
     wide = torch.promote_types(dtype, torch.float32)
     return (cb.to(wide) * (scb * (1 / 127.0)).to(wide)[:, None]).to(dtype)
