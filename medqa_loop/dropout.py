@@ -50,7 +50,8 @@ def keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def dropped(x: torch.Tensor, drop: tuple[int, int, int]) -> torch.Tensor:
-    """x (contiguous, as indexed) with the dropped elements zeroed; ``drop`` = dropout_args."""
+    """x with the dropped elements zeroed (elements indexed in x's row-major order, whatever
+    its strides); ``drop`` = dropout_args."""
     if (gpu := triton_ops(x)) is not None:
         return gpu.dropped(x, *drop)
     return x * _keep(x, *drop)
