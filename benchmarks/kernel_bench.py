@@ -1,4 +1,4 @@
-"""GPU time of the compiled elementwise kernels at the shapes of a 16-pair window of Mistral-7B
+"""GPU time of the elementwise kernels (Triton) at the shapes of a 16-pair window of Mistral-7B
 (~7.5k tokens), against the eager ops they replace and against the memory-bandwidth bound.
 
   python benchmarks/kernel_bench.py [--tokens 7500] [--out benchmarks/kernel_results.jsonl]
@@ -12,10 +12,14 @@ SXM) is as fast as a separate elementwise pass can be.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import shlex
+import sys
 
 import torch
 
+from bench import code_digest  # benchmarks/ is on sys.path when this file runs as a script
 from medqa_loop import dropout, quant
 
 
@@ -69,9 +73,11 @@ def main() -> None:
                lambda: torch.nn.functional.linear(x, cb.to(bf16)).mul_(scb / 127),
                3 * cb.numel() + 2 * x.numel() + 6 * t * out_f)
     if a.out:
+        run = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
+               "code": code_digest(), "command": shlex.join(["python", *sys.argv])}
         with open(a.out, "a") as f:
             for row in rows:
-                f.write(json.dumps({**row, "gpu": torch.cuda.get_device_name(0)}) + "\n")
+                f.write(json.dumps({**run, **row}) + "\n")
 
 
 if __name__ == "__main__":

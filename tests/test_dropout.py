@@ -14,7 +14,7 @@ def test_keep_mask_is_a_function_of_the_seed_and_looks_random():
     assert a.dtype == torch.bool and a.shape == shape
     assert torch.equal(a, b)  # same seed: the same mask
     assert abs(a.float().mean().item() - (1 - p)) < 3e-3  # 1e6 draws: std ~5e-4
-    # Other seeds, including ones differing in one bit of either 32-bit key, give independent
+    # Other seeds, including ones differing in one bit of either 31-bit key, give independent
     # masks: they disagree where two independent draws would, on 2p(1-p) of the elements.
     for other in (8, 7 ^ 1, 7 + 2**32, 7 ^ 2**61, 2**62 - 1):
         differ = (a != keep_mask(x, p, other)).float().mean().item()
