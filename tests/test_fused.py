@@ -4,6 +4,7 @@ fused tiny model equal to the stock one, with and without 8-bit weights and chec
 import pytest
 import torch
 from torch.autograd import gradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import rel
 from medqa_loop import fused
@@ -214,6 +215,45 @@ def test_dropout_survives_checkpointing_and_is_off_in_eval(tiny_cfg, tmp_path):
     assert torch.equal(evals[0], evals[1])
     assert torch.allclose(evals[0], evals[2], rtol=1e-6, atol=0)
     assert abs(evals[0] - want_loss) / want_loss > 1e-4  # and differs from the train-mode loss
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Records (rows x inner, inner x cols) of every 2-D matmul that runs under it, backward included."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.shapes.append((tuple(args[-2].shape), tuple(args[-1].shape)))  # mm(a, b), addmm(c, a, b)
+        return func(*args, **(kwargs or {}))
+
+
+def test_checkpoint_recompute_skips_the_down_projections_frozen_matmul(tiny_cfg, tmp_path):
+    """The recompute of a checkpointed layer stops once backward's saved tensors are back; the
+    down projection's frozen matmul comes after them (BaseAfterLora), so it runs once per layer
+    per step, while the gate and up projections run again."""
+    common = ["lora.dropout=0.1", "model.fused_ops=true", "model.attn_implementation=sdpa"]
+    counts = {}
+    for gc in (True, False):
+        parts = build(tiny_cfg, tmp_path, f"gc-{gc}", *common, f"model.gradient_checkpointing={gc}")
+        set_lora(parts.model)
+        batch = batches(parts)["packed"]
+        tokens = batch["input_ids"].numel()
+        hidden, inner = (parts.model.config.hidden_size, parts.model.config.intermediate_size)
+        with MatmulShapes() as mode:
+            torch.manual_seed(0)
+            forward_loss_sum(parts.model, batch).backward()
+        counts[gc] = {
+            # [T, I] x [I, H]: down's forward, gate's and up's input gradients
+            "down": mode.shapes.count(((tokens, inner), (inner, hidden))),
+            # [T, H] x [H, I]: gate's and up's forwards, down's input gradient
+            "gate_up": mode.shapes.count(((tokens, hidden), (hidden, inner))),
+        }
+    layers = parts.model.config.num_hidden_layers
+    assert counts[False] == {"down": 3 * layers, "gate_up": 3 * layers}
+    assert counts[True] == {"down": 3 * layers, "gate_up": 5 * layers}  # recomputed: gate, up; not down
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on CUDA only")
