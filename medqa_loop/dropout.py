@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from medqa_loop.compiled import triton_ops
+from medqa_loop.gpu import triton_ops
 
 _M32 = 0xFFFF_FFFF
 _M31 = 0x7FFF_FFFF

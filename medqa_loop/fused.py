@@ -18,8 +18,8 @@ backward. The stock modules save a lot that backward can cheaply recompute:
   after its LoRA node (``BaseAfterLora``): an activation-checkpointed layer's recompute then
   stops before it, since its output is never needed by backward.
 
-The elementwise maths of the norm and SwiGLU (forward and backward) runs as one compiled kernel
-each on CUDA (``medqa_loop.compiled``), eagerly on the CPU. LoRA's dropout is a hash of a seed
+The elementwise maths of the norm and SwiGLU (forward and backward) runs as one Triton kernel
+each on CUDA (``medqa_loop.triton_kernels``), eagerly on the CPU. LoRA's dropout is a hash of a seed
 (``medqa_loop.dropout``), applied inside the passes that read the input.
 
 Measured on Mistral-7B without checkpointing (bf16, 2k-token rows, BENCHMARKS.md): 32 GB peak
@@ -37,7 +37,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from medqa_loop.compiled import Kernel
+from medqa_loop.gpu import triton_ops
 from medqa_loop.dropout import dropout_args, dropped, plus_dropped
 from medqa_loop.quant import dequantize, int8_state, uses_dequant_matmul
 
@@ -46,26 +46,38 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-@Kernel
+# The eager maths of the norm and SwiGLU: what the CPU runs, the reference for the Triton kernels
+# that run on CUDA (medqa_loop.triton_kernels; fp32 inside, so fp64 stays here).
+
+
+def _gpu(t: torch.Tensor):
+    return triton_ops(t) if t.dtype != torch.float64 else None
+
+
 def _rmsnorm(x, weight, eps: float):
+    if (gpu := _gpu(x)) is not None:
+        return gpu.rmsnorm(x, weight, eps)
     rstd = torch.rsqrt(_f32(x).pow(2).mean(-1, keepdim=True) + eps)
     return weight * (_f32(x) * rstd).to(x.dtype), rstd
 
 
-@Kernel
 def _rmsnorm_backward(x, weight, rstd, grad_y):
+    if (gpu := _gpu(x)) is not None:
+        return gpu.rmsnorm_backward(x, weight, rstd, grad_y)
     x_hat = _f32(x) * rstd
     dy = _f32(grad_y) * _f32(weight)
     return (rstd * (dy - x_hat * (dy * x_hat).mean(-1, keepdim=True))).to(x.dtype)
 
 
-@Kernel
 def _silu_mul(gate, up):
+    if (gpu := _gpu(gate)) is not None:
+        return gpu.silu_mul(gate, up)
     return F.silu(_f32(gate)).to(gate.dtype) * up
 
 
-@Kernel
 def _silu_mul_backward(gate, up, grad_h):
+    if (gpu := _gpu(gate)) is not None:
+        return gpu.silu_mul_backward(gate, up, grad_h)
     g, grad_f = _f32(gate), _f32(grad_h)
     sig = torch.sigmoid(g)
     grad_gate = grad_f * _f32(up) * sig * (1 + g * (1 - sig))

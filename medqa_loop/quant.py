@@ -4,7 +4,7 @@ bitsandbytes' LLM.int8 matmul quantizes the *activations* to int8 on every call 
 outlier columns in fp16); on an H100 its backward is the slowest part of a LoRA step. Here the
 frozen weight stays bitsandbytes' int8 (row-wise absmax, ``CB``/``SCB``) and is dequantized to
 the activation dtype right before a regular matmul, in the forward and again in the backward:
-one compiled kernel reads the int8 weight and its row scales and writes the scaled weight.
+one Triton kernel reads the int8 weight and its row scales and writes the scaled weight.
 Nothing but the int8 weight is kept between forward and backward (the input is not saved: the
 frozen weight needs no gradient), so no full-precision copy of the base is ever alive for
 longer than one matmul. Numerically it is weight-only int8 quantization: closer to the
@@ -18,7 +18,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from medqa_loop.compiled import triton_ops
+from medqa_loop.gpu import triton_ops
 
 
 def int8_state(module) -> tuple[torch.Tensor, torch.Tensor]:

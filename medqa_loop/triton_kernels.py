@@ -1,11 +1,17 @@
-"""Triton kernels for the two elementwise passes every LoRA linear makes per call (imported on
-CUDA only: Triton ships with CUDA builds of torch). Each computes exactly what its eager
-reference computes (medqa_loop.dropout, medqa_loop.quant); a CUDA test checks them bit for bit.
+"""Triton kernels for the elementwise passes of a step (imported on CUDA only: Triton ships with
+CUDA builds of torch). Each computes what its eager reference computes; CUDA tests check them.
 
 * ``dropped`` / ``plus_dropped``: dropout's keep mask hashed from (seed, index) in 32-bit
   unsigned arithmetic (the reference's int64-and-mask maths gives the same bits), applied as the
-  input is read.
-* ``dequantize``: W = CB * SCB/127, one pass over the int8 weight.
+  input is read. Reference: medqa_loop.dropout; the same bits.
+* ``dequantize``: W = CB * SCB/127, one pass over the int8 weight. Reference: medqa_loop.quant;
+  the same bits.
+* ``rmsnorm`` / ``rmsnorm_backward``: one program per token (row), fp32 inside.
+  ``silu_mul`` / ``silu_mul_backward``: SwiGLU, fp32 inside. Reference: medqa_loop.fused;
+  within a rounding of the output dtype (the row sums add in another order).
+
+All of them are launched with plain Python calls, a small fraction of the CPU time a
+torch.compile'd call costs (~0.1 ms), which matters at ~2,000 calls a window.
 """
 
 from __future__ import annotations
@@ -80,3 +86,95 @@ def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 256))
     _dequantize_kernel[grid](cb, scb.float().contiguous(), out, rows, cols, BM=16, BN=256)
     return out
+
+
+# -- RMSNorm and SwiGLU (medqa_loop.fused's maths) ----------------------------------------------
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    inside = c < cols
+    x = tl.load(x_ptr + row * cols + c, mask=inside, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / cols + eps)
+    w = tl.load(w_ptr + c, mask=inside)
+    # weight * normalised x, the latter rounded to the input dtype first (transformers' order)
+    y = w * (x * rstd).to(x_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * cols + c, y.to(y_ptr.dtype.element_ty), mask=inside)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rmsnorm_backward_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    inside = c < cols
+    rstd = tl.load(rstd_ptr + row)
+    x_hat = tl.load(x_ptr + row * cols + c, mask=inside, other=0.0).to(tl.float32) * rstd
+    dy = tl.load(dy_ptr + row * cols + c, mask=inside, other=0.0).to(tl.float32)
+    dy = dy * tl.load(w_ptr + c, mask=inside, other=0.0).to(tl.float32)
+    dx = rstd * (dy - x_hat * (tl.sum(dy * x_hat, axis=0) / cols))
+    tl.store(dx_ptr + row * cols + c, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, h_ptr, n, BLOCK: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = index < n
+    g = tl.load(gate_ptr + index, mask=inside).to(tl.float32)
+    up = tl.load(up_ptr + index, mask=inside)
+    # silu(gate) rounded to the input dtype, then the product in it (the reference's order)
+    h = (g * tl.sigmoid(g)).to(up.dtype) * up
+    tl.store(h_ptr + index, h, mask=inside)
+
+
+@triton.jit
+def _silu_mul_backward_kernel(gate_ptr, up_ptr, dh_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = index < n
+    g = tl.load(gate_ptr + index, mask=inside).to(tl.float32)
+    up = tl.load(up_ptr + index, mask=inside).to(tl.float32)
+    dh = tl.load(dh_ptr + index, mask=inside).to(tl.float32)
+    sig = tl.sigmoid(g)
+    tl.store(dgate_ptr + index, (dh * up * sig * (1 + g * (1 - sig))).to(dgate_ptr.dtype.element_ty), mask=inside)
+    tl.store(dup_ptr + index, (dh * g * sig).to(dup_ptr.dtype.element_ty), mask=inside)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(-1, x.size(-1))
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    x2 = _rows(x)
+    rows, cols = x2.shape
+    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32, device=x.device)
+    _rmsnorm_kernel[(rows,)](x2, weight.contiguous(), y, rstd, cols, eps, BLOCK=triton.next_power_of_2(cols))
+    return y, rstd
+
+
+def rmsnorm_backward(x, weight, rstd, grad_y) -> torch.Tensor:
+    x2 = _rows(x)
+    rows, cols = x2.shape
+    dx = torch.empty_like(x)
+    _rmsnorm_backward_kernel[(rows,)](
+        x2, weight.contiguous(), rstd.contiguous(), _rows(grad_y), dx, cols, BLOCK=triton.next_power_of_2(cols)
+    )
+    return dx
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    h = torch.empty_like(up)
+    _silu_mul_kernel[(triton.cdiv(up.numel(), _BLOCK),)](gate, up, h, up.numel(), BLOCK=_BLOCK)
+    return h
+
+
+def silu_mul_backward(gate, up, grad_h) -> tuple[torch.Tensor, torch.Tensor]:
+    gate, up, grad_h = gate.contiguous(), up.contiguous(), grad_h.contiguous()
+    grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+    _silu_mul_backward_kernel[(triton.cdiv(up.numel(), _BLOCK),)](
+        gate, up, grad_h, grad_gate, grad_up, up.numel(), BLOCK=_BLOCK
+    )
+    return grad_gate, grad_up
