@@ -2,9 +2,10 @@
 
 PEFT draws a Bernoulli mask per call and keeps the dropped copy of the input for backward (one
 full-width tensor per projection). Here the mask is recomputed wherever it is needed, inside
-the pass that reads the input (forward: ``dropped(x)`` feeds lora_A; backward: A's gradient
-reads ``dropped(x)`` again and x's gradient adds its LoRA part through ``plus_dropped``), so no
-mask or dropped copy is ever stored or drawn. Each element is kept with probability 1 - p,
+the pass that reads the input (forward: ``dropped_linear`` is lora_A's matmul on the dropped x;
+backward: ``dropped_grad`` is A's gradient, reading x and masking it again, and x's gradient adds
+its LoRA part through ``plus_dropped``), so no mask or dropped copy is ever stored or drawn; on
+CUDA, with 16-bit inputs, not even written: the matmuls mask x as they load it. Each element is kept with probability 1 - p,
 independently, as with ``torch.nn.Dropout``; the 1/(1-p) rescaling is left to the caller
 (LoraLinear applies it to r-wide tensors).
 
@@ -18,6 +19,7 @@ below 2**63 (the multipliers are below 2**31) and masked back to 32 bits; the CU
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from medqa_loop.gpu import triton_ops
 
@@ -62,3 +64,22 @@ def plus_dropped(base: torch.Tensor, y: torch.Tensor, drop: tuple[int, int, int]
     if (gpu := triton_ops(y)) is not None:
         return gpu.plus_dropped(base, y, *drop)
     return base + y * _keep(y, *drop)
+
+
+def _gpu_16bit(x: torch.Tensor):
+    return triton_ops(x) if x.dtype in (torch.bfloat16, torch.float16) else None
+
+
+def dropped_linear(x: torch.Tensor, a: torch.Tensor, drop: tuple[int, int, int], scale: float) -> torch.Tensor:
+    """scale * dropped(x) a^T in x's dtype, for x [rows, cols] and a [rank, cols] (cast to x's
+    dtype): LoRA's A side with dropout."""
+    if (gpu := _gpu_16bit(x)) is not None:
+        return gpu.dropped_linear(x, a, *drop, scale)
+    return F.linear(dropped(x, drop), a.to(x.dtype)).mul_(scale)
+
+
+def dropped_grad(g: torch.Tensor, x: torch.Tensor, drop: tuple[int, int, int]) -> torch.Tensor:
+    """g^T dropped(x), in at least fp32, for g [rows, rank] and x [rows, cols]: A's gradient."""
+    if (gpu := _gpu_16bit(x)) is not None:
+        return gpu.dropped_grad(g, x, *drop)
+    return (g.t() @ dropped(x, drop)).to(torch.promote_types(x.dtype, torch.float32))

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from medqa_loop.gpu import triton_ops
-from medqa_loop.dropout import dropout_args, dropped, plus_dropped
+from medqa_loop.dropout import dropout_args, dropped_grad, dropped_linear, plus_dropped
 from medqa_loop.quant import dequantize, int8_state, uses_dequant_matmul
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ class LoraLinear(torch.autograd.Function):
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         x2 = x.reshape(-1, x.size(-1))  # 2-D here and in backward: the same mask indices
         if p > 0:
-            xa = F.linear(dropped(x2, dropout_args(p, seed, x2.numel())), a).mul_(1.0 / (1.0 - p))
+            xa = dropped_linear(x2, a, dropout_args(p, seed, x2.numel()), 1.0 / (1.0 - p))
         else:
             xa = F.linear(x2, a)
         if with_base:
@@ -134,7 +134,7 @@ class LoraLinear(torch.autograd.Function):
         grad_b = (g.t() @ xa).mul_(ctx.scale).to(b_dtype)
         # d loss / d (masked x A^T): r wide, so dropout's 1/(1-p) is cheap to apply here.
         g_xa = (g @ b).mul_(ctx.scale / (1.0 - p))
-        grad_a = (g_xa.t() @ (dropped(x2, drop) if p > 0 else x2)).to(a_dtype)
+        grad_a = (dropped_grad(g_xa, x2, drop) if p > 0 else g_xa.t() @ x2).to(a_dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:  # the first layer's input comes from frozen embeddings
             base = g @ _frozen_weight(w, scb, dtype)

@@ -4,6 +4,10 @@ CUDA builds of torch). Each computes what its eager reference computes; CUDA tes
 * ``dropped`` / ``plus_dropped``: dropout's keep mask hashed from (seed, index) in 32-bit
   unsigned arithmetic (the reference's int64-and-mask maths gives the same bits), applied as the
   input is read. Reference: medqa_loop.dropout; the same bits.
+* ``dropped_linear`` / ``dropped_grad``: LoRA's A side with dropout inside the matmul: the
+  masked input is never written (forward: scale * dropped(x) A^T; backward: A's gradient
+  g^T dropped(x), fp32). Reference: medqa_loop.dropout; within a rounding (fp32 accumulation
+  in another order, one rounding instead of two).
 * ``dequantize``: W = CB * SCB/127, one pass over the int8 weight. Reference: medqa_loop.quant;
   the same bits.
 * ``rmsnorm`` / ``rmsnorm_backward``: one program per token (row), fp32 inside.
@@ -15,6 +19,8 @@ torch.compile'd call costs (~0.1 ms), which matters at ~2,000 calls a window.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -52,6 +58,47 @@ def _plus_dropped_kernel(base_ptr, y_ptr, out_ptr, n, lo, hi, threshold, BLOCK: 
     tl.store(out_ptr + index, base + y * _keep(index, lo, hi, threshold).to(y.dtype), mask=inside)
 
 
+@triton.jit(do_not_specialize=["lo", "hi", "threshold"])
+def _dropped_linear_kernel(x_ptr, a_ptr, out_ptr, rows, cols, rank, lo, hi, threshold, scale,
+                           R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    # out[rows, rank] = scale * (keep * x)[rows, cols] @ a[rank, cols]^T, fp32 accumulation;
+    # R = rank padded to a power of two >= 16 (tl.dot's minimum), the padding masked off.
+    m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    r = tl.arange(0, R)
+    acc = tl.zeros((BM, R), dtype=tl.float32)
+    for k0 in range(0, cols, BK):
+        k = k0 + tl.arange(0, BK)
+        at = m[:, None] * cols + k[None, :]
+        x = tl.load(x_ptr + at, mask=(m < rows)[:, None] & (k < cols)[None, :], other=0.0)
+        x = x * _keep(at, lo, hi, threshold).to(x.dtype)
+        a = tl.load(a_ptr + r[None, :] * cols + k[:, None], mask=(r < rank)[None, :] & (k < cols)[:, None], other=0.0)
+        acc += tl.dot(x, a.to(x.dtype))
+    out = (acc * scale).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + m[:, None] * rank + r[None, :], out, mask=(m < rows)[:, None] & (r < rank)[None, :])
+
+
+@triton.jit(do_not_specialize=["lo", "hi", "threshold"])
+def _dropped_grad_kernel(g_ptr, x_ptr, out_ptr, rows, cols, rank, rows_per_split, lo, hi, threshold,
+                         R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
+    # out[split, rank, cols] (fp32) = g[rows of the split, rank]^T @ (keep * x)[rows of the split, cols]:
+    # A's gradient, its sum over tokens split so that there are enough programs to fill the GPU.
+    n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    split = tl.program_id(1).to(tl.int64)
+    r = tl.arange(0, R)
+    acc = tl.zeros((R, BN), dtype=tl.float32)
+    start = split * rows_per_split
+    end = tl.minimum(start + rows_per_split, rows)
+    for t0 in range(start, end, BT):
+        t = t0 + tl.arange(0, BT)
+        g = tl.load(g_ptr + t[None, :] * rank + r[:, None], mask=(t < end)[None, :] & (r < rank)[:, None], other=0.0)
+        at = t[:, None] * cols + n[None, :]
+        x = tl.load(x_ptr + at, mask=(t < end)[:, None] & (n < cols)[None, :], other=0.0)
+        x = x * _keep(at, lo, hi, threshold).to(x.dtype)
+        acc += tl.dot(g.to(x.dtype), x)
+    at = split * rank * cols + r[:, None] * cols + n[None, :]
+    tl.store(out_ptr + at, acc, mask=(r < rank)[:, None] & (n < cols)[None, :])
+
+
 @triton.jit
 def _dequantize_kernel(cb_ptr, scb_ptr, out_ptr, rows, cols, BM: tl.constexpr, BN: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
@@ -77,6 +124,41 @@ def plus_dropped(base: torch.Tensor, y: torch.Tensor, lo: int, hi: int, threshol
         base, y, out, y.numel(), lo, hi, threshold, BLOCK=_BLOCK
     )
     return out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _rank_block(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def dropped_linear(x: torch.Tensor, a: torch.Tensor, lo: int, hi: int, threshold: int, scale: float) -> torch.Tensor:
+    x = x.contiguous()
+    rows, cols = x.shape
+    rank = a.size(0)
+    out = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
+    _dropped_linear_kernel[(triton.cdiv(rows, 32),)](
+        x, a.contiguous(), out, rows, cols, rank, lo, hi, threshold, scale, R=_rank_block(rank), BM=32, BK=128
+    )
+    return out
+
+
+def dropped_grad(g: torch.Tensor, x: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
+    g, x = g.contiguous(), x.contiguous()
+    rows, cols = x.shape
+    rank = g.size(1)
+    tiles = triton.cdiv(cols, 128)
+    splits = max(1, min(triton.cdiv(4 * _sm_count(x.device), tiles), triton.cdiv(rows, 64)))  # ~4 programs an SM
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), 64) * 64
+    splits = triton.cdiv(rows, rows_per_split)
+    partial = torch.empty(splits, rank, cols, dtype=torch.float32, device=x.device)
+    _dropped_grad_kernel[(tiles, splits)](
+        g, x, partial, rows, cols, rank, rows_per_split, lo, hi, threshold, R=_rank_block(rank), BT=64, BN=128
+    )
+    return partial.sum(0)
 
 
 def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

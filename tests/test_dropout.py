@@ -4,7 +4,8 @@ like independent Bernoulli draws, and the same bits from the CUDA kernels as fro
 import pytest
 import torch
 
-from medqa_loop.dropout import dropout_args, dropped, keep_mask, plus_dropped
+from conftest import rel
+from medqa_loop.dropout import dropout_args, dropped, dropped_grad, dropped_linear, keep_mask, plus_dropped
 
 
 def test_keep_mask_is_a_function_of_the_seed_and_looks_random():
@@ -52,3 +53,33 @@ def test_cuda_kernels_give_the_reference_bits():
             drop = dropout_args(p, seed, x.numel())
             assert torch.equal(dropped(x, drop).cpu(), dropped(x.cpu(), drop)), (rows, cols, p, seed)
             assert torch.equal(plus_dropped(base, x, drop).cpu(), plus_dropped(base.cpu(), x.cpu(), drop))
+
+
+def test_dropped_linear_and_grad_are_the_masked_matmuls():
+    """The eager path (CPU) of lora_A's matmul with dropout inside, and of A's gradient."""
+    gen = torch.Generator().manual_seed(0)
+    x, a, g = torch.randn(30, 40, generator=gen), torch.randn(6, 40, generator=gen), torch.randn(30, 6, generator=gen)
+    drop = dropout_args(0.3, 5, x.numel())
+    masked = torch.where(keep_mask(x, 0.3, 5), x, 0.0)
+    assert torch.allclose(dropped_linear(x, a, drop, 2.0), 2.0 * masked @ a.T, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(dropped_grad(g, x, drop), g.T @ masked, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+@pytest.mark.parametrize("rank", [16, 8, 24])  # tl.dot's 16-wide tiles: smaller and odd ranks are padded
+def test_cuda_masked_matmuls_equal_the_reference(rank):
+    """The Triton matmuls that mask x as they load it equal dropping x first, then multiplying
+    (fp32 accumulation in another order: within bf16's rounding of the output)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for rows, cols in ((1000, 4096), (37, 14336), (7000, 4096)):
+        x = torch.randn(rows, cols, device="cuda", generator=gen).bfloat16()
+        a = torch.randn(rank, cols, device="cuda", generator=gen) * 0.02  # fp32, as LoRA's A
+        g = torch.randn(rows, rank, device="cuda", generator=gen).bfloat16()
+        drop = dropout_args(0.1, 2**50 + 3, x.numel())
+        masked = dropped(x, drop).double()
+        got = dropped_linear(x, a, drop, 1 / 0.9)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, rank)
+        assert rel(got, masked @ a.bfloat16().double().T / 0.9) < 4e-3, (rows, cols, rank)
+        grad = dropped_grad(g, x, drop)
+        assert grad.dtype == torch.float32 and grad.shape == (rank, cols)
+        assert rel(grad, g.double().T @ masked) < 1e-5, (rows, cols, rank)
