@@ -2,6 +2,11 @@
 (~7.5k tokens), against the eager ops they replace and against the memory-bandwidth bound.
 
   python benchmarks/kernel_bench.py [--tokens 7500] [--out benchmarks/kernel_results.jsonl]
+  python benchmarks/kernel_bench.py --launch
+
+``--launch`` measures the other side: CPU microseconds per call of small ops (a few elements, so
+the GPU keeps up and the CPU's launch path is all that is timed): an eager op, a matmul, the
+Triton kernels, an autograd Function, for comparing what a step spends per op.
 
 For each kernel: milliseconds per call (median of 20 after warm-up, CUDA events around one
 call, so a call whose CPU side outlasts its kernel is timed by its CPU side), the bytes it must
@@ -37,11 +42,68 @@ def gpu_ms(fn, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def cpu_us(fn, reps: int = 2000) -> float:
+    """CPU microseconds per call of ``fn`` (queued, not waited for), best of 5 rounds."""
+    import time
+
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / reps * 1e6)
+    torch.cuda.synchronize()
+    return best
+
+
+class Identity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def launch_overheads() -> list[dict]:
+    x = torch.randn(16, 256, device="cuda").bfloat16()
+    w = torch.randn(256, 256, device="cuda").bfloat16()
+    leaf = torch.randn(16, 256, device="cuda", requires_grad=True)
+    cb = torch.randint(-127, 128, (256, 256), device="cuda", dtype=torch.int8)
+    scb = torch.rand(256, device="cuda") + 0.5
+    drop = dropout.dropout_args(0.1, 12345, x.numel())
+    cases = {
+        "torch.empty_like": lambda: torch.empty_like(x),
+        "x + x": lambda: x + x,
+        "x.to(float32)": lambda: x.float(),
+        "x @ w": lambda: x @ w,
+        "F.linear(x, w)": lambda: torch.nn.functional.linear(x, w),
+        "Triton dropped": lambda: dropout.dropped(x, drop),
+        "Triton dequantize": lambda: quant.dequantize(cb, scb, torch.bfloat16),
+        "autograd.Function apply (no grad needed)": lambda: Identity.apply(x),
+        "autograd.Function apply (recording)": lambda: Identity.apply(leaf),
+    }
+    rows = []
+    for name, fn in cases.items():
+        row = {"launch": name, "cpu_us": round(cpu_us(fn), 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=7500)
     p.add_argument("--out")
+    p.add_argument("--launch", action="store_true", help="CPU time per call of small ops instead")
     a = p.parse_args()
+    if a.launch:
+        rows = launch_overheads()
+        if a.out:
+            write_rows(a.out, rows)
+        return
     t, bf16 = a.tokens, torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -73,11 +135,15 @@ def main() -> None:
                lambda: torch.nn.functional.linear(x, cb.to(bf16)).mul_(scb / 127),
                3 * cb.numel() + 2 * x.numel() + 6 * t * out_f)
     if a.out:
-        run = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
-               "code": code_digest(), "command": shlex.join(["python", *sys.argv])}
-        with open(a.out, "a") as f:
-            for row in rows:
-                f.write(json.dumps({**run, **row}) + "\n")
+        write_rows(a.out, rows)
+
+
+def write_rows(path: str, rows: list[dict]) -> None:
+    run = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0),
+           "code": code_digest(), "command": shlex.join(["python", *sys.argv])}
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps({**run, **row}) + "\n")
 
 
 if __name__ == "__main__":

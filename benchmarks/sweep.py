@@ -4,11 +4,13 @@ same build_parts as the entry point) and runs real optimizer windows at each set
 
   python benchmarks/sweep.py --out DIR [--workdir /tmp/bench | --base DIR --tokenizer DIR --data FILE]
       [--tokens 4096,8192,16384] [--tokens-nogc 1024,2048,3072,4096] [--set key=value ...]
-      [--profile TOKENS [--profile-gc] [--trace FILE.json.gz]]
+      [--profile TOKENS [--profile-gc] [--trace FILE.json.gz] [--cprofile]]
 
 Writes sweep.jsonl and sweep.png (two panels: peak GB, samples/s) to --out. ``--profile`` runs
 one more window at that row size (checkpointing with --profile-gc) under torch.profiler and prints where
-the GPU time goes (kernel table) and GPU kernel time against wall time.
+the GPU time goes (kernel table) and GPU kernel time against wall time; ``--cprofile`` also runs
+one under cProfile and prints where the CPU time goes (Python functions and the torch calls they
+make, by own time; cProfile slows Python, so read it as shares).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, help="profile one window at this row size")
     p.add_argument("--profile-gc", action="store_true", help="... with activation checkpointing")
     p.add_argument("--trace", help="write the profiled window's Chrome trace here (.json.gz)")
+    p.add_argument("--cprofile", action="store_true", help="... and one more under cProfile")
     p.add_argument("--windows", type=int, default=3, help="timed windows per setting (+1 warm-up)")
     a = p.parse_args()
     out = Path(a.out)
@@ -94,6 +97,8 @@ def main() -> None:
         cfg.data.pack_tokens = a.profile
         set_checkpointing(model, a.profile_gc)
         profile_window(parts, cfg, windows[1], a.trace)
+        if a.cprofile:
+            cprofile_window(parts, cfg, windows[1])
 
 
 def optimizer_window(parts, cfg, window) -> tuple[float, float, torch.Tensor, int]:
@@ -130,6 +135,19 @@ def profile_window(parts, cfg, window, trace: str | None = None) -> None:
     busy = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
     print(json.dumps({"profile_tokens": cfg.data.pack_tokens, "wall_s": wall, "gpu_kernel_s": busy,
                       "micro_batches": micro_batches}), flush=True)
+
+
+def cprofile_window(parts, cfg, window) -> None:
+    """One optimizer window under cProfile: the 45 functions with the most own CPU time."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    wall, launched, _, _ = optimizer_window(parts, cfg, window)
+    prof.disable()
+    print(json.dumps({"cprofile_wall_s": wall, "cprofile_launch_s": launched}), flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(45)
 
 
 def plot(rows: list[dict], path: Path, gpu: str) -> None:

@@ -141,7 +141,7 @@ class Debugger:
     def watch(self, step: int) -> MicroBatchCallback | None:
         return None
 
-    def before_clip(self, step: int, model, batches: list[Batch], loss: float) -> None:
+    def before_clip(self, step: int, model, batches: list[Batch], loss: torch.Tensor | float) -> None:
         pass
 
     def after_step(self, step: int, record: dict) -> dict:
@@ -245,8 +245,9 @@ class GradientDebugger(Debugger):
             "grad_norm": math.sqrt(float(sq)),  # norm of what it added to the window's gradient
         })
 
-    def before_clip(self, step: int, model, batches: list[Batch], loss: float) -> None:
+    def before_clip(self, step: int, model, batches: list[Batch], loss: torch.Tensor | float) -> None:
         self._watching = self.outliers.active = False
+        loss = float(loss)  # the loop hands over the GPU tensor: only debug mode waits for it here
         if step in self.cfg.snapshot_steps:
             self._save_bundle(step, batches, loss, reason="snapshot")
         if step in self.cfg.pause_at:

@@ -180,14 +180,17 @@ def train(
                 if not batches:  # no share of an epoch's short last window; it must still join DDP
                     batches = [zero_weight_batch(train_examples[0], collate_fn, accelerator.device)]
                 loss_sum = backward_window(accelerator, model, batches, counts[0], debugger.watch(step + 1))
-                loss = (accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)).item()
+                # The window's mean token loss stays on the GPU until clip and step are queued:
+                # reading it here would idle the GPU while the CPU queues them.
+                mean_loss = accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)
                 # Debug mode: user hooks, and the NaN/inf guard (raises, or drops the gradients to skip).
-                debugger.before_clip(step + 1, model, batches, loss)
+                debugger.before_clip(step + 1, model, batches, mean_loss)
 
                 grad_norm = accelerator.clip_grad_norm_(params, clip_at)  # returns the pre-clip norm
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                loss = mean_loss.item()  # the step's one wait for the GPU
 
                 elapsed = time.perf_counter() - started
                 epoch_pos = epoch + (window_index + 1) / len(windows)
