@@ -32,6 +32,7 @@ trainable norms) runs the stock forward.
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import torch
@@ -195,6 +196,69 @@ class SiluMul(torch.autograd.Function):
         return _silu_mul_backward(gate, up, grad_h)
 
 
+class RotaryFn(torch.autograd.Function):
+    """(q, k) rotated by the position embedding (cos, sin), as transformers' apply_rotary_pos_emb,
+    in one Triton kernel each way (``_rotary_covers`` says when); keeps only cos and sin."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        gpu = triton_ops(q)
+        return gpu.rotary(q, cos, sin), gpu.rotary(k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        gpu = triton_ops(cos)
+        grads = [None if g is None else gpu.rotary(_as_bthd(g), cos, sin, backward=True) for g in (grad_q, grad_k)]
+        return *grads, None, None
+
+
+def _bthd(t: torch.Tensor) -> bool:
+    """[batch, heads, tokens, dim] laid out as [batch, tokens, heads, dim] (the projections' layout)."""
+    return t.dim() == 4 and t.transpose(1, 2).is_contiguous()
+
+
+def _as_bthd(t: torch.Tensor) -> torch.Tensor:
+    return t if _bthd(t) else t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _rotary_covers(q, k, cos, sin) -> bool:
+    dim = q.size(-1)
+    return (
+        triton_ops(q) is not None and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and _bthd(q) and _bthd(k) and k.dtype == q.dtype and k.shape[::2] == q.shape[::2]
+        and cos.shape == sin.shape == (q.size(0), q.size(2), dim) and dim % 2 == 0 and (dim // 2) & (dim // 2 - 1) == 0
+    )
+
+
+def _rotary_with_fallback(eager):
+    """An apply_rotary_pos_emb that runs RotaryFn where it covers the inputs, else ``eager`` (the
+    model's own function: on the CPU, in fp64, with other layouts or arguments)."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if args or kwargs or not _rotary_covers(q, k, cos, sin):
+            return eager(q, k, cos, sin, *args, **kwargs)
+        return RotaryFn.apply(q, k, cos, sin)
+
+    return apply_rotary_pos_emb
+
+
+def _with_fused_rotary(forward):
+    """A copy of an attention class's forward (transformers' own code, its decorators peeled off:
+    they only rename deprecated keywords, which medqa_loop's layers do not pass) whose global
+    ``apply_rotary_pos_emb`` is ``_rotary_with_fallback`` of the original; None if the forward
+    does not call it. Per instance, unlike patching transformers' module."""
+    fn = inspect.unwrap(forward)
+    eager = fn.__globals__.get("apply_rotary_pos_emb")
+    if eager is None or "apply_rotary_pos_emb" not in fn.__code__.co_names:
+        return None
+    globals_ = {**fn.__globals__, "apply_rotary_pos_emb": _rotary_with_fallback(eager)}
+    copy = types.FunctionType(fn.__code__, globals_, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
 # -- swapping the forwards --------------------------------------------------------------------
 
 
@@ -238,7 +302,7 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
     LoRA layers over bitsandbytes' LLM.int8 matmul (``model.int8_matmul: bnb``) are left alone."""
     from peft.tuners.lora import LoraLayer
 
-    counts = {"lora": 0, "rmsnorm": 0, "mlp": 0}
+    counts = {"lora": 0, "rmsnorm": 0, "mlp": 0, "rotary": 0}
     for module in model.modules():
         kind = type(module).__name__
         if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear):
@@ -250,6 +314,9 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
         elif kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_rmsnorm_forward, module)
             counts["rmsnorm"] += 1
+        elif kind.endswith("Attention") and (forward := _with_fused_rotary(type(module).forward)) is not None:
+            module.forward = types.MethodType(forward, module)
+            counts["rotary"] += 1
         elif kind.endswith("MLP") and _is_silu(getattr(module, "act_fn", None)):
             module.forward = types.MethodType(_mlp_forward, module)
             module.down_proj._medqa_base_last = True  # the last matmul of a decoder layer

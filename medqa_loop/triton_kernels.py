@@ -10,6 +10,10 @@ CUDA builds of torch). Each computes what its eager reference computes; CUDA tes
   in another order, one rounding instead of two).
 * ``dequantize``: W = CB * SCB/127, one pass over the int8 weight. Reference: medqa_loop.quant;
   the same bits.
+* ``rotary``: the rotary position embedding of q or k ([batch, heads, tokens, head_dim] over
+  [batch, tokens, heads, head_dim] memory, as the attention's projections leave them), forward
+  or backward, one program per token, fp32 inside. Reference: transformers'
+  apply_rotary_pos_emb; within a rounding (it rounds each product and the sum).
 * ``rmsnorm`` / ``rmsnorm_backward``: one program per token (row), fp32 inside.
   ``silu_mul`` / ``silu_mul_backward``: SwiGLU, fp32 inside. Reference: medqa_loop.fused;
   within a rounding of the output dtype (the row sums add in another order).
@@ -58,7 +62,17 @@ def _plus_dropped_kernel(base_ptr, y_ptr, out_ptr, n, lo, hi, threshold, BLOCK: 
     tl.store(out_ptr + index, base + y * _keep(index, lo, hi, threshold).to(y.dtype), mask=inside)
 
 
-@triton.jit(do_not_specialize=["lo", "hi", "threshold"])
+# The token count changes every window: Triton would compile again whenever it changes class
+# (divisible by 16 or not), mid-run, so it is not specialized on either. The tile shape is
+# timed once per (width, rank) on the first call (the kernel only writes its output: safe to rerun).
+@triton.autotune(
+    configs=[
+        triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=st)
+        for bm, bk, w, st in ((32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3), (32, 256, 4, 2))
+    ],
+    key=["cols", "rank"],
+)
+@triton.jit(do_not_specialize=["rows", "lo", "hi", "threshold"])
 def _dropped_linear_kernel(x_ptr, a_ptr, out_ptr, rows, cols, rank, lo, hi, threshold, scale,
                            R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     # out[rows, rank] = scale * (keep * x)[rows, cols] @ a[rank, cols]^T, fp32 accumulation;
@@ -77,7 +91,7 @@ def _dropped_linear_kernel(x_ptr, a_ptr, out_ptr, rows, cols, rank, lo, hi, thre
     tl.store(out_ptr + m[:, None] * rank + r[None, :], out, mask=(m < rows)[:, None] & (r < rank)[None, :])
 
 
-@triton.jit(do_not_specialize=["lo", "hi", "threshold"])
+@triton.jit(do_not_specialize=["rows", "lo", "hi", "threshold"])
 def _dropped_grad_kernel(g_ptr, x_ptr, out_ptr, rows, cols, rank, rows_per_split, lo, hi, threshold,
                          R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
     # out[split, rank, cols] (fp32) = g[rows of the split, rank]^T @ (keep * x)[rows of the split, cols]:
@@ -140,8 +154,8 @@ def dropped_linear(x: torch.Tensor, a: torch.Tensor, lo: int, hi: int, threshold
     rows, cols = x.shape
     rank = a.size(0)
     out = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
-    _dropped_linear_kernel[(triton.cdiv(rows, 32),)](
-        x, a.contiguous(), out, rows, cols, rank, lo, hi, threshold, scale, R=_rank_block(rank), BM=32, BK=128
+    _dropped_linear_kernel[lambda meta: (triton.cdiv(rows, meta["BM"]),)](
+        x, a.contiguous(), out, rows, cols, rank, lo, hi, threshold, scale, R=_rank_block(rank)
     )
     return out
 
@@ -260,3 +274,44 @@ def silu_mul_backward(gate, up, grad_h) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up, grad_h, grad_gate, grad_up, up.numel(), BLOCK=_BLOCK
     )
     return grad_gate, grad_up
+
+
+# -- rotary position embedding -------------------------------------------------------------------
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, HALF: tl.constexpr, BH: tl.constexpr,
+                   BACKWARD: tl.constexpr):
+    # out = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]; its transpose (backward):
+    # grad * cos + [g2 * sin2, -g1 * sin1] (Mistral's two halves of cos and sin are equal, not assumed).
+    token = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BH)
+    d = tl.arange(0, HALF)
+    inside = (h < heads)[:, None]
+    at = token * heads * 2 * HALF + h[:, None] * 2 * HALF + d[None, :]
+    x1 = tl.load(x_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + at + HALF, mask=inside, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_ptr + token * 2 * HALF + d).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + token * 2 * HALF + HALF + d).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + token * 2 * HALF + d).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + token * 2 * HALF + HALF + d).to(tl.float32)[None, :]
+    if BACKWARD:
+        o1 = x1 * c1 + x2 * s2
+        o2 = x2 * c2 - x1 * s1
+    else:
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    tl.store(out_ptr + at, o1.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + at + HALF, o2.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False) -> torch.Tensor:
+    """x: [batch, heads, tokens, head_dim] with [batch, tokens, heads, head_dim] memory (the
+    caller checks); cos, sin: [batch, tokens, head_dim]. The result has x's layout."""
+    batch, heads, tokens, dim = x.shape
+    out = torch.empty_like(x)  # keeps x's strides
+    _rotary_kernel[(batch * tokens,)](
+        x, cos.contiguous(), sin.contiguous(), out, heads,
+        HALF=dim // 2, BH=triton.next_power_of_2(heads), BACKWARD=backward,
+    )
+    return out

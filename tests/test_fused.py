@@ -1,6 +1,8 @@
 """Fused autograd functions (medqa_loop.fused): exact gradients, a replayable dropout mask, and a
 fused tiny model equal to the stock one, with and without 8-bit weights and checkpointing."""
 
+import inspect
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -158,20 +160,22 @@ def test_use_fused_ops_counts_and_leaves_llm_int8_lora_alone(tiny_cfg, tmp_path)
 
     from medqa_loop.model import is_int8_linear
 
-    expected = {"lora": 14, "rmsnorm": 5, "mlp": 2}  # 2 layers x 7; 2 per layer + final; 1 per layer
+    # 2 layers x 7; 2 per layer + final; 1 per layer; 1 per layer
+    expected = {"lora": 14, "rmsnorm": 5, "mlp": 2, "rotary": 2}
     stock = build(tiny_cfg, tmp_path, "stock", "model.fused_ops=false")
     model = stock.model
     # The counts are the model's modules, counted here without use_fused_ops' own tests.
     assert sum(isinstance(m, LoraLayer) for m in model.modules()) == expected["lora"]
     assert sum(type(m).__name__ == "MistralRMSNorm" for m in model.modules()) == expected["rmsnorm"]
     assert sum(type(m).__name__ == "MistralMLP" for m in model.modules()) == expected["mlp"]
+    assert sum(type(m).__name__ == "MistralAttention" for m in model.modules()) == expected["rotary"]
     assert use_fused_ops(model) == expected
     assert swapped(model, fused._lora_forward) == 14
 
     bnb = build(tiny_cfg, tmp_path, "bnb", "model.int8_matmul=bnb", "model.fused_ops=false")
     loras = [m for m in bnb.model.modules() if isinstance(m, LoraLayer)]
     assert len(loras) == 14 and all(is_int8_linear(m.get_base_layer()) for m in loras)
-    assert use_fused_ops(bnb.model) == {"lora": 0, "rmsnorm": 5, "mlp": 2}
+    assert use_fused_ops(bnb.model) == {"lora": 0, "rmsnorm": 5, "mlp": 2, "rotary": 2}
     assert swapped(bnb.model, fused._lora_forward) == 0 and swapped(bnb.model, fused._rmsnorm_forward) == 5
 
 
@@ -283,3 +287,56 @@ def test_norm_and_swiglu_triton_kernels_equal_eager_on_cuda(dtype):
         for g, e in zip(got, eager_reference(fn, *args), strict=True):
             assert g.dtype == e.dtype and g.shape == e.shape, fn.__name__
             assert rel(g, e) < tol, fn.__name__
+
+
+def rope(batch, tokens, dim, device, dtype):
+    """cos, sin as transformers' rotary embedding makes them, with sin's halves made unequal
+    (Mistral's are equal; the kernel must not rely on it)."""
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    freqs = torch.arange(tokens, device=device).float()[None, :, None].expand(batch, -1, -1) * inv
+    emb = torch.cat((freqs, freqs), -1)
+    return emb.cos().to(dtype), (emb.sin() * torch.linspace(0.5, 1.5, dim, device=device)).to(dtype)
+
+
+def test_attention_runs_transformers_forward_with_its_rotary_as_fallback(tiny_cfg, tmp_path):
+    """The attention forward is transformers' own code with apply_rotary_pos_emb swapped for
+    one that hands what the kernel does not cover (here: the CPU) to transformers' function."""
+    from transformers.models.mistral import modeling_mistral
+
+    parts = build(tiny_cfg, tmp_path, "fused", "model.fused_ops=true")
+    attn = parts.model.get_base_model().model.layers[0].self_attn
+    fn = attn.forward.__func__
+    assert fn.__code__ is inspect.unwrap(modeling_mistral.MistralAttention.forward).__code__
+    ours = fn.__globals__["apply_rotary_pos_emb"]
+    assert ours is not modeling_mistral.apply_rotary_pos_emb  # transformers' module is untouched
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 5, 4, 8, generator=gen).transpose(1, 2), torch.randn(1, 5, 2, 8, generator=gen).transpose(1, 2)
+    cos, sin = rope(1, 5, 8, "cpu", torch.float32)
+    for got, want in zip(ours(q, k, cos, sin), modeling_mistral.apply_rotary_pos_emb(q, k, cos, sin)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotary_kernel_equals_transformers_on_cuda(dtype):
+    from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens = 3000
+    # the projections' layout: [batch, tokens, heads, dim] memory seen as [batch, heads, tokens, dim]
+    q = torch.randn(1, tokens, 32, 128, device="cuda", generator=gen).to(dtype).transpose(1, 2)
+    k = torch.randn(1, tokens, 8, 128, device="cuda", generator=gen).to(dtype).transpose(1, 2)
+    cos, sin = rope(1, tokens, 128, "cuda", dtype)
+    assert fused._rotary_covers(q, k, cos, sin)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    got = fused.RotaryFn.apply(q, k, cos, sin)
+    grads = [torch.randn(t.shape, device="cuda", generator=gen).to(dtype) for t in got]
+    got_grads = torch.autograd.grad(got, (q, k), grads)
+    # The reference in fp64: transformers' formula and its autograd.
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    want = apply_rotary_pos_emb(q64, k64, cos.double(), sin.double())
+    want_grads = torch.autograd.grad(want, (q64, k64), [g.double() for g in grads])
+    tol = 1e-6 if dtype == torch.float32 else 4e-3
+    for g, w in zip((*got, *got_grads), (*want, *want_grads)):
+        assert g.dtype == dtype and fused._bthd(g)  # results keep the projections' layout
+        assert rel(g, w) < tol
