@@ -124,6 +124,24 @@ def main() -> None:
         report(f"eager bernoulli mask * x [{t},{width}] (before)",
                lambda: x * torch.empty_like(x).bernoulli_(0.9), 4 * n)
         report(f"copy [{t},{width}] (bandwidth reference)", lambda: x.clone(), 4 * n)
+        a = torch.randn(16, width, device="cuda", generator=gen) * 0.02  # LoRA's A, fp32, r = 16
+        g = torch.randn(t, 16, device="cuda", generator=gen).to(bf16)
+        report(f"dropped_linear [{t},{width}] x A^T r16 (Triton, mask in the matmul)",
+               lambda: dropout.dropped_linear(x, a, drop, 1 / 0.9), 2 * n)
+        report(f"dropped + linear + scale [{t},{width}] r16 (before)",
+               lambda: torch.nn.functional.linear(dropout.dropped(x, drop), a.to(bf16)).mul_(1 / 0.9), 6 * n)
+        report(f"dropped_grad g^T dropped(x) [{t},{width}] r16 (Triton)", lambda: dropout.dropped_grad(g, x, drop), 2 * n)
+        report(f"g^T dropped(x) [{t},{width}] r16 (before)", lambda: g.t() @ dropout.dropped(x, drop), 6 * n)
+    from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
+
+    from medqa_loop import fused
+
+    q = torch.randn(1, t, 32, 128, device="cuda", generator=gen).to(bf16).transpose(1, 2)
+    k = torch.randn(1, t, 8, 128, device="cuda", generator=gen).to(bf16).transpose(1, 2)
+    cos, sin = torch.randn(2, 1, t, 128, device="cuda", generator=gen).to(bf16)
+    qk_bytes = 4 * (q.numel() + k.numel())
+    report(f"rotary q and k [{t} tokens, 32+8 heads] (Triton)", lambda: fused.RotaryFn.apply(q, k, cos, sin), qk_bytes)
+    report(f"rotary q and k [{t} tokens, 32+8 heads] (transformers)", lambda: apply_rotary_pos_emb(q, k, cos, sin), qk_bytes)
     for out_f, in_f in ((4096, 4096), (14336, 4096), (4096, 14336)):
         cb = torch.randint(-127, 128, (out_f, in_f), device="cuda", generator=gen, dtype=torch.int8)
         scb = torch.rand(out_f, device="cuda", generator=gen) + 0.5
