@@ -124,12 +124,12 @@ def main() -> None:
         report(f"eager bernoulli mask * x [{t},{width}] (before)",
                lambda: x * torch.empty_like(x).bernoulli_(0.9), 4 * n)
         report(f"copy [{t},{width}] (bandwidth reference)", lambda: x.clone(), 4 * n)
-        a = torch.randn(16, width, device="cuda", generator=gen) * 0.02  # LoRA's A, fp32, r = 16
+        lora_a = torch.randn(16, width, device="cuda", generator=gen) * 0.02  # fp32, r = 16
         g = torch.randn(t, 16, device="cuda", generator=gen).to(bf16)
         report(f"dropped_linear [{t},{width}] x A^T r16 (Triton, mask in the matmul)",
-               lambda: dropout.dropped_linear(x, a, drop, 1 / 0.9), 2 * n)
+               lambda: dropout.dropped_linear(x, lora_a, drop, 1 / 0.9), 2 * n)
         report(f"dropped + linear + scale [{t},{width}] r16 (before)",
-               lambda: torch.nn.functional.linear(dropout.dropped(x, drop), a.to(bf16)).mul_(1 / 0.9), 6 * n)
+               lambda: torch.nn.functional.linear(dropout.dropped(x, drop), lora_a.to(bf16)).mul_(1 / 0.9), 6 * n)
         report(f"dropped_grad g^T dropped(x) [{t},{width}] r16 (Triton)", lambda: dropout.dropped_grad(g, x, drop), 2 * n)
         report(f"g^T dropped(x) [{t},{width}] r16 (before)", lambda: g.t() @ dropout.dropped(x, drop), 6 * n)
     from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
