@@ -13,21 +13,26 @@ backward. The stock modules save a lot that backward can cheaply recompute:
 * RMSNorm up-casts to fp32 and keeps three fp32 intermediates; ``RMSNormFn`` keeps the bf16 input
   and one fp32 scalar per token.
 * SiLU(gate) * up keeps gate, SiLU(gate) and up; ``SiluMul`` keeps gate and up.
+* transformers' rotary embedding runs four broadcasting multiplies, a ``cat`` and a ``neg`` on
+  strided q and k, and keeps them for backward; ``RotaryFn`` keeps cos and sin.
+
+Two more changes cost no memory and save time:
 
 * The MLP's down_proj, the last matmul of a decoder layer, runs its frozen matmul in a node
   after its LoRA node (``BaseAfterLora``): an activation-checkpointed layer's recompute then
   stops before it, since its output is never needed by backward.
-
-The elementwise maths of the norm and SwiGLU (forward and backward) runs as one Triton kernel
-each on CUDA (``medqa_loop.triton_kernels``), eagerly on the CPU. LoRA's dropout is a hash of a seed
-(``medqa_loop.dropout``), applied inside the passes that read the input.
+* On CUDA the elementwise maths of the norm, SwiGLU and rotary embedding (forward and backward)
+  runs as one Triton kernel each (``medqa_loop.triton_kernels``), and LoRA's dropout (a hash of
+  a seed, ``medqa_loop.dropout``) is applied inside lora_A's matmul; on the CPU, and wherever a
+  kernel does not cover its inputs, the eager maths (transformers' own, for the rotary) runs.
 
 Measured on Mistral-7B without checkpointing (bf16, 2k-token rows, BENCHMARKS.md): 32 GB peak
 with the stock modules and SDPA, 19 GB with these and varlen attention (~5 MB of activations a
 token over 32 layers, from ~12). ``use_fused_ops`` swaps the forward of each module instance;
 parameters, state dicts, PEFT saving/merging and hooks on the modules are unchanged, and
 anything the fused path does not cover (merged or disabled adapters, several adapters,
-trainable norms) runs the stock forward.
+trainable norms) runs the stock forward. The attention's forward is transformers' own code with
+only its rotary function swapped (``_with_fused_rotary``).
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ import types
 import torch
 import torch.nn.functional as F
 
-from medqa_loop.gpu import triton_ops
 from medqa_loop.dropout import dropout_args, dropped_grad, dropped_linear, plus_dropped
+from medqa_loop.gpu import triton_ops
 from medqa_loop.quant import dequantize, int8_state, uses_dequant_matmul
+
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """At least fp32 (fp64 stays fp64: the gradient checks run in it)."""
@@ -227,7 +233,7 @@ def _rotary_covers(q, k, cos, sin) -> bool:
     dim = q.size(-1)
     return (
         triton_ops(q) is not None and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and _bthd(q) and _bthd(k) and k.dtype == q.dtype and k.shape[::2] == q.shape[::2]
+        and _bthd(q) and _bthd(k) and k.dtype == q.dtype and k.shape[::2] == q.shape[::2] and k.size(-1) == dim
         and cos.shape == sin.shape == (q.size(0), q.size(2), dim) and dim % 2 == 0 and (dim // 2) & (dim // 2 - 1) == 0
     )
 
