@@ -298,7 +298,7 @@ def rope(batch, tokens, dim, device, dtype):
     return emb.cos().to(dtype), (emb.sin() * torch.linspace(0.5, 1.5, dim, device=device)).to(dtype)
 
 
-def test_attention_runs_transformers_forward_with_its_rotary_as_fallback(tiny_cfg, tmp_path):
+def test_attention_runs_transformers_forward_with_its_rotary_as_fallback(tiny_cfg, tmp_path, monkeypatch):
     """The attention forward is transformers' own code with apply_rotary_pos_emb swapped for
     one that hands what the kernel does not cover (here: the CPU) to transformers' function."""
     from transformers.models.mistral import modeling_mistral
@@ -314,6 +314,13 @@ def test_attention_runs_transformers_forward_with_its_rotary_as_fallback(tiny_cf
     cos, sin = rope(1, 5, 8, "cpu", torch.float32)
     for got, want in zip(ours(q, k, cos, sin), modeling_mistral.apply_rotary_pos_emb(q, k, cos, sin)):
         assert torch.equal(got, want)
+
+    # and the model's forward goes through it, once per layer
+    asked = []
+    monkeypatch.setattr(fused, "_rotary_covers", lambda *args: asked.append(args) or False)
+    with torch.no_grad():
+        forward_loss_sum(parts.model, batches(parts)["packed"])
+    assert len(asked) == parts.model.config.num_hidden_layers
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
