@@ -113,6 +113,7 @@ def summarize(metrics: Path) -> dict:
         "tokens_per_s": tokens / secs,
         "peak_gb": max(r.get("peak_gb", 0.0) for r in steps),
         "steps_timed": len(steps),
+        "step_s": [round(r["step_time_s"], 4) for r in steps],  # the spread, not only the mean
     }
 
 
@@ -165,6 +166,7 @@ def main() -> None:
             "peak_gb": round(result["peak_gb"], 2),
             "mfu": round(tokens * 4 * N_PARAMS / PEAK_FLOPS, 4),
             "mean_tokens": a.mean_tokens, "sigma": a.sigma, "steps_timed": result["steps_timed"],
+            "step_s": result.get("step_s"),  # None for the HF Trainer reference
             "code": code_digest(),
             "command": shlex.join(cmd).replace(str(ROOT) + "/", ""),
         }
