@@ -1,7 +1,7 @@
 """End-to-end training throughput on the GPU: the original recipe (HF Trainer, reference only)
 and medqa_loop through its real entry point, side by side, on one machine in one run.
 
-  python benchmarks/bench.py --workdir /tmp/bench --steps 4 [--variants a,b,...] [--out DIR]
+  python benchmarks/bench.py --workdir /tmp/bench --steps 4 [--variants a,b,...] [--out DIR] [--profile-step N]
 
 Builds a random-init Mistral-7B (MistralConfig() defaults are the exact 7B shapes; no weights
 can be downloaded) on the GPU and saves it as safetensors, makes the synthetic SyntheticMedicalQA
@@ -102,9 +102,13 @@ def prepare(work: Path, mean_tokens: float, sigma: float) -> tuple[Path, Path, P
     return base, tok, data
 
 
-def summarize(metrics: Path) -> dict:
-    """Throughput over the logged optimizer steps after the first (which carries start-up)."""
+def summarize(metrics: Path, profiled: set[int] = frozenset()) -> dict:
+    """Throughput over the logged optimizer steps after the first (which carries start-up),
+    leaving out the ``profiled`` ones (the profiler slows them)."""
     steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r][1:]
+    steps = [r for r in steps if r["step"] not in profiled]
+    if not steps:
+        raise ValueError(f"{metrics}: no timed steps (the first is start-up; profiled ones are left out)")
     secs = sum(r["step_time_s"] for r in steps)
     samples = sum(r["samples_per_s"] * r["step_time_s"] for r in steps)
     tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in steps)
@@ -126,6 +130,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks"), help="where results.jsonl and BENCHMARKS.md go")
     p.add_argument("--mean-tokens", type=float, default=470)
     p.add_argument("--sigma", type=float, default=0.45)
+    p.add_argument("--profile-step", type=int, help="record this step of the medqa_loop variants with "
+                   "torch.profiler (<workdir>/runs/<variant>/profile/, medqa_loop.profiling); it is not timed")
     a = p.parse_args()
 
     import torch
@@ -152,12 +158,15 @@ def main() -> None:
             sets = [f"output_dir={run_dir}", f"model.name_or_path={base}", f"model.tokenizer={tok}",
                     f"data.dataset={data}", f"train.max_steps={a.steps}", "train.eval_every=100000",
                     "train.sanity_eval_batches=0", *overrides]
+            profiled = {a.profile_step} if a.profile_step else set()
+            if profiled:
+                sets.append(f"train.profile_steps=[{a.profile_step}]")
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    "accelerate_config.yaml", "-m", "medqa_loop.train", "--config", "configs/recipe.yaml",
                    "--overwrite", *[x for s in sets for x in ("--set", s)]]
             if sh(cmd, log).returncode:
                 continue
-            result = summarize(run_dir / "metrics.jsonl")
+            result = summarize(run_dir / "metrics.jsonl", profiled)
         tokens = result["tokens_per_s"]
         row = {
             "date": date, "gpu": gpu, "variant": name, "quant": quant,

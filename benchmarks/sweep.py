@@ -26,6 +26,7 @@ from medqa_loop.config import load_config
 from medqa_loop.data import accumulation_windows, epoch_order
 from medqa_loop.loop import backward_window, window_batches, window_counts
 from medqa_loop.model import enable_checkpointing
+from medqa_loop.profiling import report
 from medqa_loop.train import build_parts
 
 
@@ -122,19 +123,14 @@ def optimizer_window(parts, cfg, window) -> tuple[float, float, torch.Tensor, in
 def profile_window(parts, cfg, window, trace: str | None = None) -> None:
     """One optimizer window under torch.profiler: the top kernels by GPU time, and GPU kernel
     time against wall time (a gap means the CPU cannot feed the GPU)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         wall, _, _, micro_batches = optimizer_window(parts, cfg, window)
     if trace:
         prof.export_chrome_trace(trace)
-    events = prof.key_averages()
-    print(events.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70), flush=True)
-    # Kernels only: an op's self device time repeats the time of the kernels it launched.
-    busy = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e6
-    print(json.dumps({"profile_tokens": cfg.data.pack_tokens, "wall_s": wall, "gpu_kernel_s": busy,
-                      "micro_batches": micro_batches}), flush=True)
+    print(report(prof, wall), flush=True)
+    print(json.dumps({"profile_tokens": cfg.data.pack_tokens, "micro_batches": micro_batches}), flush=True)
 
 
 def cprofile_window(parts, cfg, window) -> None:

@@ -128,6 +128,10 @@ class TrainConfig:
     # Training states kept on disk (the newest ones); each holds the adapter and 2x its size of
     # AdamW moments.
     keep_states: int = 2
+    # Optimizer steps to record with torch.profiler (CPU and GPU activity): a Chrome trace and an
+    # op table per step under <output_dir>/profile/ (medqa_loop.profiling). Recorded steps run
+    # slower; the others are untouched.
+    profile_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -265,6 +269,8 @@ def _validate(cfg: Config) -> None:
         for key, value in values.items():
             if not holds(value):
                 raise ConfigError(f"config key '{key}' must be {rule}, got {value!r}")
+    if any(s <= 0 for s in t.profile_steps):
+        raise ConfigError(f"config key 'train.profile_steps' holds optimizer steps, counted from 1: {t.profile_steps!r}")
     if not 0.0 < d.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {d.val_fraction!r}")
     if not 0.0 <= lo.dropout < 1.0:

@@ -151,6 +151,7 @@ def run(
     from medqa_loop.debug import build_debugger
     from medqa_loop.loop import train
     from medqa_loop.metrics import MetricsLog
+    from medqa_loop.profiling import StepProfiler
     from medqa_loop.state import StateSaver, examples_digest
 
     p = build_parts(cfg, overwrite, resume, force_resume)
@@ -158,6 +159,15 @@ def run(
     if p.start.step == 0:  # a resumed run's metrics.jsonl has it already
         log.write(step=0, **p.data_stats)
     saver = StateSaver(cfg, p.accelerator, p.model, examples_digest(p.train_examples))
+    rank = p.accelerator.process_index if p.accelerator.num_processes > 1 else None
+    profiler = StepProfiler(cfg.train.profile_steps, p.out / "profile", rank)
+
+    def after_step(step: int, *position) -> None:
+        profiler.stop(step)  # before the state save: a recording holds its step only
+        saver.after_step(step, *position)
+        profiler.start(step + 1)
+
+    profiler.start(p.start.step + 1)
     with saver.stop_on_signals():
         last = train(
             cfg,
@@ -173,7 +183,7 @@ def run(
                 cfg, p.accelerator, p.model, p.tokenizer, p.val_pairs, p.out / "samples.jsonl"
             ),
             start=p.start,
-            after_step=saver.after_step,
+            after_step=after_step,
             debugger=build_debugger(cfg, p.accelerator, p.model, p.optimizer, p.out),
         )
     p.accelerator.print(f"done: {last}; adapter in {p.out / 'final'}")

@@ -48,6 +48,8 @@ def test_overrides_parse_yaml_values():
         ("model.random_init.hiden_size=8", ["model.random_init.hiden_size"]),
         ("train.lr.x=1", ["train.lr"]),
         ("data.prompt_template=Q", ["data.prompt_template", "{input_text}"]),
+        ("train.profile_steps=[0]", ["train.profile_steps", "counted from 1"]),
+        ("train.profile_steps=[two]", ["train.profile_steps"]),
     ],
 )
 def test_bad_config_names_the_key(override, names):
