@@ -46,13 +46,13 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 ADAPTER = "adapter_model.safetensors"
 FORMAT = 1
-# Keys a resumed run may change: where it writes, how often it evaluates or saves, how long it
-# runs. Any other difference changes the updates themselves and is refused without
+# Keys a resumed run may change: where it writes, how often it evaluates, saves or profiles, how
+# long it runs. Any other difference changes the updates themselves and is refused without
 # --force-resume. (epochs / max_steps change the lr schedule's length from the resumed step on.)
 MAY_CHANGE = {
     "output_dir", "train.epochs", "train.max_steps", "train.eval_every", "train.eval_batch_size",
     "train.eval_max_batches", "train.sanity_eval_batches", "train.save_every",
-    "train.keep_states", "data.bad_rows",
+    "train.keep_states", "train.profile_steps", "data.bad_rows",
 }
 
 

@@ -262,9 +262,10 @@ def test_a_changed_config_is_refused_naming_each_key(reference):
     base = [f"output_dir={reference}", "data.batching=pad", "data.max_rows=20", "data.max_length=48", "train.grad_accum_steps=2",
             "train.epochs=2", "train.save_every=3", "train.eval_every=100", "train.sanity_eval_batches=1"]
     check_config(state, load_config(TINY, base), 1, force=False)
-    # Length, evaluation and saving cadence, and where it writes may change.
+    # Length, evaluation, saving and profiling cadence, and where it writes may change.
     check_config(state, load_config(TINY, [*base, "train.epochs=3", "train.max_steps=10", "train.eval_every=2",
-                                           "train.keep_states=5", "output_dir=/elsewhere"]), 1, force=False)
+                                           "train.keep_states=5", "train.profile_steps=[7]", "output_dir=/elsewhere"]),
+                 1, force=False)
     changed = load_config(TINY, [*base, "train.lr=0.02", "train.micro_batch_size=1", "lora.r=8"])
     with pytest.raises(StateError) as err:
         check_config(state, changed, 1, force=False)
