@@ -1,4 +1,4 @@
-"""Which elementwise kernels a tensor gets: hand-written Triton on CUDA, the eager reference elsewhere.
+"""Which small kernels a tensor gets: hand-written Triton on CUDA, the eager reference elsewhere.
 
 Eager PyTorch runs each op of an elementwise expression as its own kernel, with its own pass
 over memory (SwiGLU's backward is a dozen passes over [tokens, 14336] fp32 tensors), and a
