@@ -148,7 +148,7 @@ def main() -> None:
         x = torch.randn(t, in_f, device="cuda", generator=gen).to(bf16)
         report(f"dequantize [{out_f},{in_f}] (Triton)", lambda: quant.dequantize(cb, scb, bf16), 3 * cb.numel())
         report(f"int8_linear [{t}x{in_f}x{out_f}] (dequantize + matmul)",
-               lambda: quant.int8_linear(x, cb, scb), 3 * cb.numel() + 2 * x.numel() + 2 * t * out_f)
+               lambda: torch.nn.functional.linear(x, quant.dequantize(cb, scb, bf16)), 3 * cb.numel() + 2 * x.numel() + 2 * t * out_f)
         report(f"cast + matmul + output scale [{t}x{in_f}x{out_f}] (before)",
                lambda: torch.nn.functional.linear(x, cb.to(bf16)).mul_(scb / 127),
                3 * cb.numel() + 2 * x.numel() + 6 * t * out_f)

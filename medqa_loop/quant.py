@@ -43,29 +43,18 @@ def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch
     return (cb.to(wide) * (scb * (1 / 127.0)).to(wide)[:, None]).to(dtype)
 
 
-def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    """x W^T for the int8 weight (CB, SCB)."""
-    return F.linear(x, dequantize(cb, scb, x.dtype))
-
-
-def int8_linear_grad_input(grad_out: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    """d(x W^T)/dx applied to grad_out: grad_out W."""
-    return grad_out @ dequantize(cb, scb, grad_out.dtype)
-
-
 class DequantLinear(torch.autograd.Function):
-    """y = x W^T + b with the int8 W cast per call; gradient for x only (W, b are frozen)."""
+    """y = x W^T + b with the int8 W dequantized per call; gradient for x only (W, b are frozen)."""
 
     @staticmethod
     def forward(ctx, x, cb, scb, bias):
         ctx.save_for_backward(cb, scb)
-        y = int8_linear(x, cb, scb)
-        return y if bias is None else y.add_(bias.to(x.dtype))
+        return F.linear(x, dequantize(cb, scb, x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
         cb, scb = ctx.saved_tensors
-        return int8_linear_grad_input(grad_out, cb, scb), None, None, None
+        return grad_out @ dequantize(cb, scb, grad_out.dtype), None, None, None
 
 
 def _dequant_forward(self, x: torch.Tensor) -> torch.Tensor:
