@@ -120,7 +120,6 @@ def main() -> None:
         drop = dropout.dropout_args(0.1, 2**40 + 7, x.numel())
         n = x.numel()
         report(f"dropped [{t},{width}] (hash mask, Triton)", lambda: dropout.dropped(x, drop), 4 * n)
-        report(f"plus_dropped [{t},{width}] (Triton)", lambda: dropout.plus_dropped(y, x, drop), 6 * n)
         report(f"eager bernoulli mask * x [{t},{width}] (before)",
                lambda: x * torch.empty_like(x).bernoulli_(0.9), 4 * n)
         report(f"copy [{t},{width}] (bandwidth reference)", lambda: x.clone(), 4 * n)
@@ -132,6 +131,17 @@ def main() -> None:
                lambda: torch.nn.functional.linear(dropout.dropped(x, drop), lora_a.to(bf16)).mul_(1 / 0.9), 6 * n)
         report(f"dropped_grad g^T dropped(x) [{t},{width}] r16 (Triton)", lambda: dropout.dropped_grad(g, x, drop), 2 * n)
         report(f"g^T dropped(x) [{t},{width}] r16 (before)", lambda: g.t() @ dropout.dropped(x, drop), 6 * n)
+        a16 = lora_a.to(bf16)
+        report(f"dropped_product dropped(g A) [{t},{width}] r16 (Triton, mask as it writes)",
+               lambda: dropout.dropped_product(g, lora_a, drop), 2 * n)
+        report(f"g A, then dropped [{t},{width}] r16 (before)", lambda: dropout.dropped(g @ a16, drop), 6 * n)
+        # x's gradient through a frozen [width, width] weight: its LoRA part first, the frozen
+        # matmul added in the GEMM's epilogue (now), against a separate masked add (before).
+        w16, gy = torch.randn(width, width, device="cuda", generator=gen).to(bf16), y
+        report(f"x grad: dropped_product, then addmm_(g_y, W) [{t}x{width}x{width}] (now)",
+               lambda: dropout.dropped_product(g, lora_a, drop).addmm_(gy, w16), 4 * n + 2 * w16.numel())
+        report(f"x grad: g_y W + dropped(g A) [{t}x{width}x{width}] (before)",
+               lambda: gy @ w16 + dropout.dropped(g @ a16, drop), 4 * n + 2 * w16.numel())
     from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
     from medqa_loop import fused

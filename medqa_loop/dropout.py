@@ -3,8 +3,9 @@
 PEFT draws a Bernoulli mask per call and keeps the dropped copy of the input for backward (one
 full-width tensor per projection). Here the mask is recomputed wherever it is needed, inside
 the pass that reads the input (forward: ``dropped_linear`` is lora_A's matmul on the dropped x;
-backward: ``dropped_grad`` is A's gradient, reading x and masking it again, and x's gradient adds
-its LoRA part through ``plus_dropped``), so no mask or dropped copy is ever stored or drawn; on
+backward: ``dropped_grad`` is A's gradient, reading x and masking it again, and
+``dropped_product`` is x's gradient's LoRA part, masked as it is written), so no mask or
+dropped copy is ever stored or drawn; on
 CUDA, with 16-bit inputs, not even written: the matmuls mask x as they load it. Each element is
 kept with probability 1 - p, independently, as with ``torch.nn.Dropout``; the 1/(1-p) rescaling
 is left to the caller (LoraLinear applies it to r-wide tensors).
@@ -59,13 +60,6 @@ def dropped(x: torch.Tensor, drop: tuple[int, int, int]) -> torch.Tensor:
     return x * _keep(x, *drop)
 
 
-def plus_dropped(base: torch.Tensor, y: torch.Tensor, drop: tuple[int, int, int]) -> torch.Tensor:
-    """base + y with y's dropped elements zeroed (the mask of ``drop`` over y's shape)."""
-    if (gpu := triton_ops(y)) is not None:
-        return gpu.plus_dropped(base, y, *drop)
-    return base + y * _keep(y, *drop)
-
-
 def _gpu_16bit(x: torch.Tensor):
     return triton_ops(x) if x.dtype in (torch.bfloat16, torch.float16) else None
 
@@ -83,3 +77,12 @@ def dropped_grad(g: torch.Tensor, x: torch.Tensor, drop: tuple[int, int, int]) -
     if (gpu := _gpu_16bit(x)) is not None:
         return gpu.dropped_grad(g, x, *drop)
     return (g.t() @ dropped(x, drop)).to(torch.promote_types(x.dtype, torch.float32))
+
+
+def dropped_product(g: torch.Tensor, a: torch.Tensor, drop: tuple[int, int, int]) -> torch.Tensor:
+    """dropped(g a) in g's dtype, for g [rows, rank] and a [rank, cols] (cast to g's dtype): the
+    LoRA part of x's gradient, zero where the forward dropped x (the mask of ``drop`` over
+    [rows, cols], x's shape)."""
+    if (gpu := _gpu_16bit(g)) is not None:
+        return gpu.dropped_product(g, a, *drop)
+    return dropped(g @ a.to(g.dtype), drop)

@@ -43,7 +43,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from medqa_loop.dropout import dropout_args, dropped_grad, dropped_linear, plus_dropped
+from medqa_loop.dropout import dropout_args, dropped_grad, dropped_linear, dropped_product
 from medqa_loop.gpu import triton_ops
 from medqa_loop.quant import dequantize, int8_state, uses_dequant_matmul
 
@@ -102,13 +102,14 @@ class LoraLinear(torch.autograd.Function):
     Matmuls run in x's dtype (A, B are cast; their gradients are returned in their own dtype,
     fp32, as autograd's cast would). An int8 W (``scb`` given) is dequantized per matmul
     (medqa_loop.quant). Saved: x, W (int8 or frozen, no copy), the cast A and B (r wide, so
-    backward does not cast again), dropout(x) A^T. The dropout mask is the hash of ``seed``
-    (medqa_loop.dropout), applied inside the kernel that reads x (forward: one pass; backward:
-    one pass for A's gradient, and x's gradient adds its LoRA part masked in the same pass).
-    Dropout's 1/(1-p) is applied to the r-wide tensors.
+    backward does not cast again), xa = scale/(1-p) * dropout(x) A^T (LoRA's scale and dropout's
+    1/(1-p) go on this r-wide tensor, where they are cheap). The dropout mask is the hash of
+    ``seed`` (medqa_loop.dropout), applied inside the kernels that read x or write its gradient.
 
-    ``with_base=False`` leaves ``x W^T + b`` out of the output (``BaseAfterLora`` adds it); x's
-    gradient still includes W's part.
+    The LoRA output is computed first and the frozen matmul adds onto it in its epilogue
+    (``addmm_``), forward and backward: a separate add of two [tokens, out] tensors re-read and
+    re-wrote the frozen matmul's output. ``with_base=False`` leaves ``x W^T + b`` out of the
+    output (``BaseAfterLora`` adds it); x's gradient still includes W's part.
     """
 
     @staticmethod
@@ -117,14 +118,12 @@ class LoraLinear(torch.autograd.Function):
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         x2 = x.reshape(-1, x.size(-1))  # 2-D here and in backward: the same mask indices
         if p > 0:
-            xa = dropped_linear(x2, a, dropout_args(p, seed, x2.numel()), 1.0 / (1.0 - p))
+            xa = dropped_linear(x2, a, dropout_args(p, seed, x2.numel()), scale / (1.0 - p))
         else:
-            xa = F.linear(x2, a)
+            xa = F.linear(x2, a).mul_(scale)
+        y = torch.mm(xa, b.t()) if bias is None else torch.addmm(bias.to(dtype), xa, b.t())
         if with_base:
-            y = F.linear(x2, _frozen_weight(w, scb, dtype), None if bias is None else bias.to(dtype))
-            y.addmm_(xa, b.t(), alpha=scale)
-        else:
-            y = torch.mm(xa, b.t()).mul_(scale)
+            y.addmm_(x2, _frozen_weight(w, scb, dtype).t())
         ctx.save_for_backward(x, w, scb, a, b, xa)
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
         ctx.grad_dtypes = lora_a.dtype, lora_b.dtype
@@ -138,15 +137,14 @@ class LoraLinear(torch.autograd.Function):
         a_dtype, b_dtype = ctx.grad_dtypes
         g = grad_y.reshape(-1, grad_y.size(-1))
         x2 = x.reshape(-1, x.size(-1))
-        grad_b = (g.t() @ xa).mul_(ctx.scale).to(b_dtype)
-        # d loss / d (masked x A^T): r wide, so dropout's 1/(1-p) is cheap to apply here.
+        grad_b = (g.t() @ xa).to(b_dtype)
+        # d loss / d (dropout(x) A^T), r wide: the scale and 1/(1-p) the forward put on xa.
         g_xa = (g @ b).mul_(ctx.scale / (1.0 - p))
         grad_a = (dropped_grad(g_xa, x2, drop) if p > 0 else g_xa.t() @ x2).to(a_dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:  # the first layer's input comes from frozen embeddings
-            base = g @ _frozen_weight(w, scb, dtype)
-            lora_part = g_xa @ a  # masked with the forward's mask as it is added
-            grad_x = (plus_dropped(base, lora_part, drop) if p > 0 else base.add_(lora_part)).view_as(x)
+            lora_part = dropped_product(g_xa, a, drop) if p > 0 else g_xa @ a  # zero where x was dropped
+            grad_x = lora_part.addmm_(g, _frozen_weight(w, scb, dtype)).view_as(x)
         return grad_x, None, None, None, grad_a, grad_b, None, None, None, None
 
 
@@ -163,9 +161,12 @@ class BaseAfterLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, scb, bias, lora_out):
-        # Summed in PEFT's order (base output + LoRA output): the same bits as the stock layer.
-        y = F.linear(x, _frozen_weight(w, scb, x.dtype), None if bias is None else bias.to(x.dtype))
-        return y.add_(lora_out)
+        # lora_out (+ b) is added in the matmul's epilogue, as LoraLinear does with its base.
+        c = lora_out.reshape(-1, lora_out.size(-1))
+        if bias is not None:
+            c = c + bias.to(x.dtype)
+        y = torch.addmm(c, x.reshape(-1, x.size(-1)), _frozen_weight(w, scb, x.dtype).t())
+        return y.view_as(lora_out)
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -1,13 +1,14 @@
 """Triton kernels for the elementwise passes of a step (imported on CUDA only: Triton ships with
 CUDA builds of torch). Each computes what its eager reference computes; CUDA tests check them.
 
-* ``dropped`` / ``plus_dropped``: dropout's keep mask hashed from (seed, index) in 32-bit
+* ``dropped``: dropout's keep mask hashed from (seed, index) in 32-bit
   unsigned arithmetic (the reference's int64-and-mask maths gives the same bits), applied as the
   input is read. Reference: medqa_loop.dropout; the same bits.
-* ``dropped_linear`` / ``dropped_grad``: LoRA's A side with dropout inside the matmul: the
-  masked input is never written (forward: scale * dropped(x) A^T; backward: A's gradient
-  g^T dropped(x), fp32). Reference: medqa_loop.dropout; within a rounding (fp32 accumulation
-  in another order, one rounding instead of two).
+* ``dropped_linear`` / ``dropped_grad`` / ``dropped_product``: LoRA's A side with dropout inside
+  the matmul: the masked input is never written (forward: scale * dropped(x) A^T; backward:
+  A's gradient g^T dropped(x), fp32, and x's gradient's LoRA part dropped(g A), masked as it is
+  written). Reference: medqa_loop.dropout; within a rounding (fp32 accumulation in another
+  order, one rounding instead of two).
 * ``dequantize``: W = CB * SCB/127, one pass over the int8 weight. Reference: medqa_loop.quant;
   the same bits.
 * ``rotary``: the rotary position embedding of q or k ([batch, heads, tokens, head_dim] over
@@ -51,15 +52,6 @@ def _dropped_kernel(x_ptr, out_ptr, n, lo, hi, threshold, BLOCK: tl.constexpr):
     inside = index < n
     x = tl.load(x_ptr + index, mask=inside)
     tl.store(out_ptr + index, x * _keep(index, lo, hi, threshold).to(x.dtype), mask=inside)
-
-
-@triton.jit(do_not_specialize=["lo", "hi", "threshold"])
-def _plus_dropped_kernel(base_ptr, y_ptr, out_ptr, n, lo, hi, threshold, BLOCK: tl.constexpr):
-    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = index < n
-    y = tl.load(y_ptr + index, mask=inside)
-    base = tl.load(base_ptr + index, mask=inside)
-    tl.store(out_ptr + index, base + y * _keep(index, lo, hi, threshold).to(y.dtype), mask=inside)
 
 
 # The token count changes every window: Triton would compile again whenever it changes class
@@ -113,6 +105,22 @@ def _dropped_grad_kernel(g_ptr, x_ptr, out_ptr, rows, cols, rank, rows_per_split
     tl.store(out_ptr + at, acc, mask=(r < rank)[:, None] & (n < cols)[None, :])
 
 
+@triton.jit(do_not_specialize=["rows", "lo", "hi", "threshold"])
+def _dropped_product_kernel(g_ptr, a_ptr, out_ptr, rows, cols, rank, lo, hi, threshold,
+                            R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # out[rows, cols] = keep * (g[rows, rank] @ a[rank, cols]): one rank-wide dot per tile, so
+    # the pass is the write of out alone.
+    m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    r = tl.arange(0, R)
+    g = tl.load(g_ptr + m[:, None] * rank + r[None, :], mask=(m < rows)[:, None] & (r < rank)[None, :], other=0.0)
+    a = tl.load(a_ptr + r[:, None] * cols + n[None, :], mask=(r < rank)[:, None] & (n < cols)[None, :], other=0.0)
+    out = tl.dot(g, a.to(g.dtype)).to(out_ptr.dtype.element_ty)
+    at = m[:, None] * cols + n[None, :]
+    tl.store(out_ptr + at, out * _keep(at, lo, hi, threshold).to(out.dtype),
+             mask=(m < rows)[:, None] & (n < cols)[None, :])
+
+
 @triton.jit
 def _dequantize_kernel(cb_ptr, scb_ptr, out_ptr, rows, cols, BM: tl.constexpr, BN: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
@@ -128,15 +136,6 @@ def dropped(x: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     _dropped_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, out, x.numel(), lo, hi, threshold, BLOCK=_BLOCK)
-    return out
-
-
-def plus_dropped(base: torch.Tensor, y: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
-    base, y = base.contiguous(), y.contiguous()
-    out = torch.empty_like(y)
-    _plus_dropped_kernel[(triton.cdiv(y.numel(), _BLOCK),)](
-        base, y, out, y.numel(), lo, hi, threshold, BLOCK=_BLOCK
-    )
     return out
 
 
@@ -173,6 +172,17 @@ def dropped_grad(g: torch.Tensor, x: torch.Tensor, lo: int, hi: int, threshold: 
         g, x, partial, rows, cols, rank, rows_per_split, lo, hi, threshold, R=_rank_block(rank), BT=64, BN=128
     )
     return partial.sum(0)
+
+
+def dropped_product(g: torch.Tensor, a: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
+    g, a = g.contiguous(), a.contiguous()
+    rows, rank = g.shape
+    cols = a.size(1)
+    out = torch.empty(rows, cols, dtype=g.dtype, device=g.device)
+    _dropped_product_kernel[(triton.cdiv(rows, 64), triton.cdiv(cols, 128))](
+        g, a, out, rows, cols, rank, lo, hi, threshold, R=_rank_block(rank), BM=64, BN=128
+    )
+    return out
 
 
 def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

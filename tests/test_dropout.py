@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from conftest import rel
-from medqa_loop.dropout import dropout_args, dropped, dropped_grad, dropped_linear, keep_mask, plus_dropped
+from medqa_loop.dropout import (
+    dropout_args, dropped, dropped_grad, dropped_linear, dropped_product, keep_mask,
+)
 
 
 def test_keep_mask_is_a_function_of_the_seed_and_looks_random():
@@ -31,14 +33,12 @@ def test_keep_mask_is_a_function_of_the_seed_and_looks_random():
     assert keep_mask(x, 0.0, 7).all() and not keep_mask(x, 1.0, 7).any()
 
 
-def test_dropped_and_plus_dropped_apply_the_mask():
-    gen = torch.Generator().manual_seed(0)
-    x, base = torch.randn(64, 48, generator=gen), torch.randn(64, 48, generator=gen)
+def test_dropped_applies_the_mask():
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
     drop = dropout_args(0.25, 99, x.numel())
     keep = keep_mask(x, 0.25, 99)
     assert 0 < keep.sum() < keep.numel()
     assert torch.equal(dropped(x, drop), torch.where(keep, x, 0.0))
-    assert torch.equal(plus_dropped(base, x, drop), torch.where(keep, base + x, base))
     with pytest.raises(ValueError, match="would repeat"):
         dropout_args(0.1, 1, 2**32 + 1)
 
@@ -48,21 +48,22 @@ def test_cuda_kernels_give_the_reference_bits():
     gen = torch.Generator(device="cuda").manual_seed(0)
     for rows, cols in ((1000, 256), (7, 4099), (3000, 14336)):  # sizes off the kernel's block too
         x = torch.randn(rows, cols, device="cuda", generator=gen).bfloat16()
-        base = torch.randn_like(x)
         for p, seed in ((0.1, 12345), (0.5, 2**61 + 2**40 + 7), (0.05, 2**62 - 1)):
             drop = dropout_args(p, seed, x.numel())
             assert torch.equal(dropped(x, drop).cpu(), dropped(x.cpu(), drop)), (rows, cols, p, seed)
-            assert torch.equal(plus_dropped(base, x, drop).cpu(), plus_dropped(base.cpu(), x.cpu(), drop))
 
 
-def test_dropped_linear_and_grad_are_the_masked_matmuls():
-    """The eager path (CPU) of lora_A's matmul with dropout inside, and of A's gradient."""
+def test_dropped_linear_and_grads_are_the_masked_matmuls():
+    """The eager path (CPU) of lora_A's matmul with dropout inside, of A's gradient, and of the
+    LoRA part of x's gradient (zero where x was dropped)."""
     gen = torch.Generator().manual_seed(0)
     x, a, g = torch.randn(30, 40, generator=gen), torch.randn(6, 40, generator=gen), torch.randn(30, 6, generator=gen)
     drop = dropout_args(0.3, 5, x.numel())
     masked = torch.where(keep_mask(x, 0.3, 5), x, 0.0)
     assert torch.allclose(dropped_linear(x, a, drop, 2.0), 2.0 * masked @ a.T, rtol=1e-6, atol=1e-6)
     assert torch.allclose(dropped_grad(g, x, drop), g.T @ masked, rtol=1e-6, atol=1e-6)
+    keep = keep_mask(x, 0.3, 5)
+    assert torch.allclose(dropped_product(g, a, drop), torch.where(keep, g @ a, 0.0), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
@@ -83,3 +84,8 @@ def test_cuda_masked_matmuls_equal_the_reference(rank):
         grad = dropped_grad(g, x, drop)
         assert grad.dtype == torch.float32 and grad.shape == (rank, cols)
         assert rel(grad, g.double().T @ masked) < 1e-5, (rows, cols, rank)
+        part = dropped_product(g, a, drop)
+        keep = keep_mask(x, 0.1, 2**50 + 3)
+        assert part.dtype == torch.bfloat16 and part.shape == (rows, cols)
+        assert torch.equal(part != 0, keep & (part != 0)), "nonzero where x was dropped"
+        assert rel(part, torch.where(keep, g.double() @ a.bfloat16().double(), 0.0)) < 4e-3, (rows, cols, rank)

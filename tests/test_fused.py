@@ -289,6 +289,30 @@ def test_norm_and_swiglu_triton_kernels_equal_eager_on_cuda(dtype):
             assert rel(g, e) < tol, fn.__name__
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_lora_linear_on_cuda_equals_its_float64_maths(p):
+    """LoraLinear as the GPU runs it (bf16, int8 weight, the dropout kernels, the frozen matmul
+    added in the LoRA output's epilogue) against the same function in float64 on the CPU (the
+    eager path, the same mask from the same seed): output and all three gradients."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tokens, d_in, d_out, rank = 3000, 4096, 1024, 16
+    x = torch.randn(1, tokens, d_in, device="cuda", generator=gen).bfloat16().requires_grad_()
+    w = torch.randint(-127, 128, (d_out, d_in), device="cuda", generator=gen, dtype=torch.int8)
+    scb = torch.rand(d_out, device="cuda", generator=gen) * 0.1 + 0.05
+    a = (torch.randn(rank, d_in, device="cuda", generator=gen) * 0.02).requires_grad_()
+    b = (torch.randn(d_out, rank, device="cuda", generator=gen) * 0.02).requires_grad_()
+    g = torch.randn(1, tokens, d_out, device="cuda", generator=gen).bfloat16()
+    got = LoraLinear.apply(x, w, scb, None, a, b, 2.0, p, 2**40 + 5)
+    got_grads = torch.autograd.grad(got, (x, a, b), g)
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x, a, b)]
+    want = LoraLinear.apply(leaves[0], w.cpu(), scb.cpu().double(), None, *leaves[1:], 2.0, p, 2**40 + 5)
+    want_grads = torch.autograd.grad(want, leaves, g.cpu().double())
+    assert got.dtype == torch.bfloat16 and [t.dtype for t in got_grads] == [torch.bfloat16, torch.float32, torch.float32]
+    for name, c, e in zip(["y", "dx", "da", "db"], (got, *got_grads), (want, *want_grads)):
+        assert rel(c.cpu(), e) < 1e-2, name  # bf16 inputs to each matmul, fp32 accumulation
+
+
 def rope(batch, tokens, dim, device, dtype):
     """cos, sin as transformers' rotary embedding makes them, with sin's halves made unequal
     (Mistral's are equal; the kernel must not rely on it)."""

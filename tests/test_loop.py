@@ -7,6 +7,7 @@ import torch
 
 from medqa_loop.checkpoint import save_adapter
 from medqa_loop.evaluation import evaluate
+from medqa_loop.fused import use_fused_ops
 from medqa_loop.loop import backward_window, train, window_counts
 from medqa_loop.model import model_logits
 from medqa_loop.metrics import MetricsLog, read_metrics
@@ -117,8 +118,11 @@ def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg):
     batch = parts.collate_fn(parts.val_examples[:3])
     with torch.no_grad():
         want = model_logits(parts.model, batch)
-        got = model_logits(reloaded, batch)
-    assert torch.equal(got, want)
+        stock = model_logits(reloaded, batch)  # PEFT's forward: x W^T, then + the LoRA part
+        use_fused_ops(reloaded)
+        got = model_logits(reloaded, batch)  # the training path: the LoRA part, then + x W^T
+    assert torch.equal(got, want)  # the same weights came back, bit for bit
+    torch.testing.assert_close(stock, want, rtol=1e-5, atol=1e-5)  # the same maths, summed in another order
     result = evaluate(parts.accelerator, reloaded, parts.val_examples, parts.collate_fn, 4)
     assert result.loss == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
     assert result.token_acc == pytest.approx(evals[-1]["eval_token_acc"], rel=1e-6)
