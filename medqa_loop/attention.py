@@ -87,7 +87,7 @@ def varlen_attention(
         )
     scale = dim**-0.5 if scaling is None else scaling
     # [T, H, D]: views of the projections' [1, T, H, D] memory. squeeze, not t[0]: select's
-    # backward writes the gradient into a zeroed [1, H, T, D] buffer (a memset and a strided
+    # backward writes the gradient into a zeroed [1, H, T, D] buffer (a fill and a strided
     # copy per tensor, and the rotary backward then copied it back to the projections' layout).
     q, k, v = (t.squeeze(0).transpose(0, 1) for t in (query, key, value))
     if flash_available(q):
