@@ -2,13 +2,13 @@
 
 PEFT draws a Bernoulli mask per call and keeps the dropped copy of the input for backward (one
 full-width tensor per projection). Here the mask is recomputed wherever it is needed, inside
-the pass that reads the input (forward: ``dropped_linear`` is lora_A's matmul on the dropped x;
-backward: ``dropped_grad`` is A's gradient, reading x and masking it again, and
-``dropped_product`` is x's gradient's LoRA part, masked as it is written), so no mask or
-dropped copy is ever stored or drawn; on
-CUDA, with 16-bit inputs, not even written: the matmuls mask x as they load it. Each element is
-kept with probability 1 - p, independently, as with ``torch.nn.Dropout``; the 1/(1-p) rescaling
-is left to the caller (LoraLinear applies it to r-wide tensors).
+the pass that reads the input or writes its gradient (forward: ``dropped_linear`` is lora_A's
+matmul on the dropped x; backward: ``dropped_grad`` is A's gradient, reading x and masking it
+again, and ``dropped_product`` is x's gradient's LoRA part, masked as it is written), so no mask
+or dropped copy is ever stored or drawn; on CUDA, with 16-bit inputs, not even written: the
+matmuls mask x as they load it. Each element is kept with probability 1 - p, independently, as
+with ``torch.nn.Dropout``; the 1/(1-p) rescaling is left to the caller (LoraLinear applies it
+to r-wide tensors).
 
 The hash is the two-multiply 32-bit finalizer "[16 21f0aaad 15 735a2d97 15]" of Wellons' hash
 prospector (avalanche close to murmur3's), over ((index ^ lo) + hi) mod 2**32 with a 62-bit

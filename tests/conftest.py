@@ -2,6 +2,8 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Nothing in the tests may reach a hub: fail at once instead of waiting on network timeouts.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +16,28 @@ TINY = ROOT / "configs" / "tiny.yaml"
 def rel(a, b) -> float:
     """Relative L2 distance of a from b, in float64."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+class OpLog(TorchDispatchMode):
+    """Records every aten op that runs under it, backward included: (name, shapes of its tensor
+    arguments), in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        self.ops.append((func.overloadpacket.__name__, shapes))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def names(self) -> set[str]:
+        return {name for name, _ in self.ops}
+
+    def matmul_shapes(self) -> list[tuple]:
+        """(rows x inner, inner x cols) of each 2-D matmul: mm(a, b), addmm(c, a, b), c.addmm_(a, b)."""
+        return [shapes[-2:] for name, shapes in self.ops if name in ("mm", "addmm", "addmm_")]
 
 
 @pytest.fixture

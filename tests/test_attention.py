@@ -7,9 +7,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import rel
+from conftest import OpLog, rel
 from medqa_loop import attention
 from medqa_loop.attention import varlen_attention, varlen_kwargs
 from medqa_loop.data import collate
@@ -117,18 +116,6 @@ def test_collate_cu_seq_lens_are_the_pair_boundaries():
         assert pos[s:e].tolist() == list(range(e - s))
 
 
-class OpNames(TorchDispatchMode):
-    """The names of the aten ops that run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention varlen needs CUDA")
 def test_flash_path_equals_per_pair_path_on_cuda(monkeypatch):
     lengths = [300, 1, 517, 1024]
@@ -146,7 +133,7 @@ def test_flash_path_equals_per_pair_path_on_cuda(monkeypatch):
     ref = per_pair(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, scale).unsqueeze(0)
     assert out.shape == ref.shape == (1, sum(lengths), 32, 128)
     g = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(3))
-    with OpNames() as backward_ops:
+    with OpLog() as backward_ops:
         got = torch.autograd.grad(out, (q, k, v), g)
     # The gradients leave as views of the kernel's output: no zero-filled buffer to copy into
     # (select's backward did that for each of q, k, v when the batch dim was taken with [0]).

@@ -6,9 +6,8 @@ import inspect
 import pytest
 import torch
 from torch.autograd import gradcheck
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import rel
+from conftest import OpLog, rel
 from medqa_loop import fused
 from medqa_loop.data import collate
 from medqa_loop.dropout import keep_mask
@@ -221,19 +220,6 @@ def test_dropout_survives_checkpointing_and_is_off_in_eval(tiny_cfg, tmp_path):
     assert abs(evals[0] - want_loss) / want_loss > 1e-4  # and differs from the train-mode loss
 
 
-class MatmulShapes(TorchDispatchMode):
-    """Records (rows x inner, inner x cols) of every 2-D matmul that runs under it, backward included."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-            self.shapes.append((tuple(args[-2].shape), tuple(args[-1].shape)))  # mm(a, b), addmm(c, a, b)
-        return func(*args, **(kwargs or {}))
-
-
 def test_checkpoint_recompute_skips_the_down_projections_frozen_matmul(tiny_cfg, tmp_path):
     """The recompute of a checkpointed layer stops once backward's saved tensors are back; the
     down projection's frozen matmul comes after them (BaseAfterLora), so it runs once per layer
@@ -246,14 +232,15 @@ def test_checkpoint_recompute_skips_the_down_projections_frozen_matmul(tiny_cfg,
         batch = batches(parts)["packed"]
         tokens = batch["input_ids"].numel()
         hidden, inner = (parts.model.config.hidden_size, parts.model.config.intermediate_size)
-        with MatmulShapes() as mode:
+        with OpLog() as log:
             torch.manual_seed(0)
             forward_loss_sum(parts.model, batch).backward()
+        shapes = log.matmul_shapes()
         counts[gc] = {
             # [T, I] x [I, H]: down's forward, gate's and up's input gradients
-            "down": mode.shapes.count(((tokens, inner), (inner, hidden))),
+            "down": shapes.count(((tokens, inner), (inner, hidden))),
             # [T, H] x [H, I]: gate's and up's forwards, down's input gradient
-            "gate_up": mode.shapes.count(((tokens, hidden), (hidden, inner))),
+            "gate_up": shapes.count(((tokens, hidden), (hidden, inner))),
         }
     layers = parts.model.config.num_hidden_layers
     assert counts[False] == {"down": 3 * layers, "gate_up": 3 * layers}
