@@ -108,8 +108,8 @@ class LoraLinear(torch.autograd.Function):
 
     The LoRA output is computed first and the frozen matmul adds onto it in its epilogue
     (``addmm_``), forward and backward: a separate add of two [tokens, out] tensors re-read and
-    re-wrote the frozen matmul's output. ``with_base=False`` leaves ``x W^T + b`` out of the
-    output (``BaseAfterLora`` adds it); x's gradient still includes W's part.
+    re-wrote the frozen matmul's output. ``with_base=False`` leaves ``x W^T`` out of the output
+    (``BaseAfterLora`` adds it); x's gradient still includes W's part.
     """
 
     @staticmethod
@@ -149,8 +149,9 @@ class LoraLinear(torch.autograd.Function):
 
 
 class BaseAfterLora(torch.autograd.Function):
-    """y = x W^T + b + lora_out, for ``lora_out`` from ``LoraLinear(..., with_base=False)`` on the
-    same x, which owns x's whole gradient: this node saves nothing and passes the gradient on.
+    """y = x W^T + lora_out, for ``lora_out`` from ``LoraLinear(..., with_base=False)`` (which adds
+    the bias) on the same x, which owns x's whole gradient: this node saves nothing and passes
+    the gradient on.
 
     Why split: an activation-checkpointed layer's recompute exists only to refill the tensors
     backward saved, and stops once the last of them is back (torch.utils.checkpoint's early
@@ -160,17 +161,15 @@ class BaseAfterLora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, scb, bias, lora_out):
-        # lora_out (+ b) is added in the matmul's epilogue, as LoraLinear does with its base.
+    def forward(ctx, x, w, scb, lora_out):
+        # lora_out is added in the matmul's epilogue, as LoraLinear does with its base.
         c = lora_out.reshape(-1, lora_out.size(-1))
-        if bias is not None:
-            c = c + bias.to(x.dtype)
         y = torch.addmm(c, x.reshape(-1, x.size(-1)), _frozen_weight(w, scb, x.dtype).t())
         return y.view_as(lora_out)
 
     @staticmethod
     def backward(ctx, grad_y):
-        return None, None, None, None, grad_y
+        return None, None, None, grad_y
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -285,7 +284,7 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     w, scb = int8_state(base) if base.weight.dtype == torch.int8 else (base.weight, None)
     lora = (self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, seed)
     if getattr(self, "_medqa_base_last", False):  # the layer's last projection: see BaseAfterLora
-        return BaseAfterLora.apply(x, w, scb, base.bias, LoraLinear.apply(x, w, scb, None, *lora, False))
+        return BaseAfterLora.apply(x, w, scb, LoraLinear.apply(x, w, scb, base.bias, *lora, False))
     return LoraLinear.apply(x, w, scb, base.bias, *lora)
 
 

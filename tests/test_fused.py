@@ -11,7 +11,7 @@ from conftest import OpLog, rel
 from medqa_loop import fused
 from medqa_loop.data import collate
 from medqa_loop.dropout import keep_mask
-from medqa_loop.fused import LoraLinear, RMSNormFn, SiluMul, use_fused_ops
+from medqa_loop.fused import BaseAfterLora, LoraLinear, RMSNormFn, SiluMul, use_fused_ops
 from medqa_loop.loop import forward_loss_sum
 from medqa_loop.train import build_parts
 
@@ -56,6 +56,9 @@ def test_lora_linear_gradcheck_and_forward(p, int8):
         want = want + bias
     got = f(x, a, b)
     assert got.shape == (2, 3, 4) and torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    # Split as the down projection runs it: the LoRA node (bias included), then the frozen matmul.
+    split = BaseAfterLora.apply(x, w, scb, LoraLinear.apply(x, w, scb, bias, a, b, scale, p, seed, False))
+    assert torch.allclose(split, want, rtol=1e-12, atol=1e-12)
     if p > 0:  # dropout really acted
         assert not torch.allclose(got, LoraLinear.apply(x, w, scb, bias, a, b, scale, 0.0, seed))
     assert gradcheck(f, (x, a, b))
