@@ -24,6 +24,9 @@ class ConfigError(ValueError):
 EMBEDDED_TOKENIZER = "mistral-common"
 # The small medical QA sample shipped inside this package (medqa_loop/assets/).
 EMBEDDED_DATASET = "embedded:sample_medqa"
+# The shipped configs, by name (``--config tiny``): the repository's top-level configs/, which
+# the package holds as configs/ (a link in the source tree, the files themselves in a wheel).
+PRESETS = Path(__file__).parent / "configs"
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -42,7 +45,7 @@ class ModelConfig:
     # LLM.int8 outlier threshold (bitsandbytes' default 6.0; 0 disables the fp16 outlier path).
     llm_int8_threshold: float = 6.0
     # How the int8 base multiplies: "dequant" keeps bitsandbytes' int8 weights and dequantizes
-    # them per matmul (medqa_loop.quant; fast, weight-only rounding); "bnb" is bitsandbytes'
+    # them per matmul (medqa_loop.kernels: DequantLinear; fast, weight-only rounding); "bnb" is bitsandbytes'
     # LLM.int8 matmul (int8 activations too, outlier split at llm_int8_threshold).
     int8_matmul: str = "dequant"
     # dtype of the frozen non-int8 parts (norms, embeddings, lm_head) and of the activations.
@@ -50,11 +53,11 @@ class ModelConfig:
     dtype: str = "bfloat16"
     gradient_checkpointing: bool = True
     # transformers attention kernel: "varlen" (FlashAttention over each packed pair alone,
-    # medqa_loop.attention; padded batches use SDPA), "sdpa" (PyTorch's fused attention; packed
+    # medqa_loop.kernels.attention; padded batches use SDPA), "sdpa" (PyTorch's fused attention; packed
     # rows get a block-diagonal mask, computed in full), "eager", or "flex_attention" (compiled).
     attn_implementation: str = "varlen"
     # LoRA linears, RMSNorm and SwiGLU as single autograd functions that keep less for backward
-    # (medqa_loop.fused): same maths, ~2.2x less activation memory without checkpointing.
+    # (medqa_loop.kernels): same maths, ~2.2x less activation memory without checkpointing.
     fused_ops: bool = True
     # Mistral is native to transformers: running code from the hub is opt-in only.
     trust_remote_code: bool = False
@@ -86,7 +89,7 @@ class DataConfig:
     mask: str = "completion_only"
     # Use only the first N rows (after loading, before the split); None = all.
     max_rows: int | None = None
-    # How a window's pairs become micro-batches (medqa_loop.data.arrange_window): "pack" packs
+    # How a window's pairs become micro-batches (medqa_loop.batching.arrange_window): "pack" packs
     # them into rows of up to pack_tokens tokens with no attention across pairs (no padding);
     # "group_by_length" pads batches of similar-length pairs; "pad" pads batches as drawn.
     # The pairs of each optimizer step, and so the update, are the same in all three.
@@ -121,7 +124,7 @@ class TrainConfig:
     sample_questions: int = 0
     # Length cap of those answers, in tokens.
     sample_max_new_tokens: int = 128
-    # Optimizer steps between full training states (medqa_loop.state: adapter, optimizer, RNGs,
+    # Optimizer steps between full training states (medqa_loop.checkpoint.state: adapter, optimizer, RNGs,
     # position) under <output_dir>/state/, for --resume. One is also saved at each epoch end and
     # at the last step; None = only then.
     save_every: int | None = 50
@@ -129,14 +132,14 @@ class TrainConfig:
     # AdamW moments.
     keep_states: int = 2
     # Optimizer steps to record with torch.profiler (CPU and GPU activity): a Chrome trace and an
-    # op table per step under <output_dir>/profile/ (medqa_loop.profiling). Recorded steps run
+    # op table per step under <output_dir>/profile/ (medqa_loop.debug.profiling). Recorded steps run
     # slower; the others are untouched.
     profile_steps: list[int] = field(default_factory=list)
 
 
 @dataclass
 class DebugConfig:
-    # Gradient debugging (medqa_loop.debug): trace, NaN/inf guard, pause hooks, snapshots.
+    # Gradient debugging (medqa_loop.debug.trace): trace, NaN/inf guard, pause hooks, snapshots.
     # Off by default: its hooks cost a little on every step.
     enabled: bool = False
     # Write a <output_dir>/grad_trace.jsonl line on steps 1, 1+every, 1+2*every, ... (1 = all).
@@ -150,9 +153,9 @@ class DebugConfig:
     # Optimizer steps after whose backward (before clipping) every hook in `hooks` is called.
     pause_at: list[int] = field(default_factory=list)
     # Hooks by import path, called as fn(step, model, batches); the default opens pdb.
-    hooks: list[str] = field(default_factory=lambda: ["medqa_loop.debug:pdb_hook"])
+    hooks: list[str] = field(default_factory=lambda: ["medqa_loop.debug.trace:pdb_hook"])
     # Steps whose starting state (adapter, optimizer, RNG, window, gradients) is saved under
-    # <output_dir>/debug/step-<N>/ so that `python -m medqa_loop.replay` can recompute them.
+    # <output_dir>/debug/step-<N>/ so that `medqa replay` can recompute them.
     snapshot_steps: list[int] = field(default_factory=list)
 
 
@@ -311,7 +314,7 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_debug(g: DebugConfig) -> None:
-    from medqa_loop.plugins import load_callable
+    from medqa_loop.user_code import load_callable
 
     if g.every <= 0:
         raise ConfigError(f"config key 'debug.every' must be > 0, got {g.every!r}")
@@ -362,13 +365,30 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
+def presets() -> dict[str, Path]:
+    """The shipped configs by name: {"recipe": .../recipe.yaml, "tiny": .../tiny.yaml}."""
+    return {p.stem: p for p in sorted(PRESETS.glob("*.yaml"))}
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file: the path if it is one, else the shipped preset of that name."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = presets()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise ConfigError(
+        f"config file not found: {name_or_path} (and no shipped preset of that name: {', '.join(shipped)})"
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (None = the original recipe's defaults), apply overrides, validate."""
+    """Load a YAML config, by path or by preset name (None = the original recipe's defaults),
+    apply overrides, validate."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = config_path(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -1,14 +1,13 @@
-"""Data: load question/answer pairs, check them, split, tokenize, build labels, batch.
+"""Data: load question/answer pairs, check them, split, tokenize, build labels.
 
 Labels are built here and nowhere else: ``labels`` is ``input_ids`` with -100 wherever the loss
-mask gives weight 0 (the prompt, by default) and on padding; ``loss_weights`` carries the mask's
-weights. Labels are *not* shifted: HF causal LMs (and medqa_loop.losses) shift them.
-Padding is dynamic: a batch is padded to its own longest pair, never to ``max_length``.
+mask gives weight 0 (the prompt, by default); ``loss_weights`` carries the mask's weights.
+Labels are *not* shifted: HF causal LMs (and medqa_loop.losses) shift them. How examples
+become micro-batches is medqa_loop.batching.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,80 +215,6 @@ def encode_pairs(pairs: Pairs, tokenizer, cfg: DataConfig, mask_fn: MaskFn) -> E
     return Encoded(examples, truncated, skipped)
 
 
-def collate(examples: list[dict], pad_id: int, packed: bool = False) -> dict[str, torch.Tensor]:
-    """One micro-batch. Padded: right-pad to the longest example of this batch (pads get label
-    -100 and weight 0). Packed: concatenate the examples into one row with ``position_ids``
-    restarting at 0 for each pair and the pairs' boundaries in ``cu_seq_lens``; attention never
-    crosses a boundary (medqa_loop.attention; SDPA gets a block-diagonal mask from the restarts),
-    so each pair's loss equals its loss alone.
-    """
-    if packed:
-        def cat(key: str, first) -> list:
-            # Each pair's first label would be "predicted" from the previous pair's last token.
-            return [v for e in examples for v in [first, *e[key][1:]]]
-
-        row = {
-            "input_ids": [t for e in examples for t in e["input_ids"]],
-            "labels": cat("labels", -100),
-            "loss_weights": cat("loss_weights", 0.0),
-            "position_ids": [p for e in examples for p in range(len(e["input_ids"]))],
-        }
-        return {
-            "input_ids": torch.tensor([row["input_ids"]]),
-            "attention_mask": torch.ones(1, len(row["input_ids"]), dtype=torch.long),
-            "position_ids": torch.tensor([row["position_ids"]]),
-            # Pair boundaries [0, l0, l0+l1, ...] for FlashAttention (int32, as its kernel wants).
-            "cu_seq_lens": torch.tensor(
-                [0, *itertools.accumulate(len(e["input_ids"]) for e in examples)], dtype=torch.int32
-            ),
-            "labels": torch.tensor([row["labels"]]),
-            "loss_weights": torch.tensor([row["loss_weights"]], dtype=torch.float32),
-            "rows": torch.tensor([e["row"] for e in examples]),
-        }
-    width = max(len(e["input_ids"]) for e in examples)
-
-    def pad(key: str, value, dtype) -> torch.Tensor:
-        return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples], dtype=dtype)
-
-    return {
-        "input_ids": pad("input_ids", pad_id, torch.long),
-        "attention_mask": torch.tensor(
-            [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
-        ),
-        "labels": pad("labels", -100, torch.long),
-        "loss_weights": pad("loss_weights", 0.0, torch.float32),
-        "rows": torch.tensor([e["row"] for e in examples]),
-    }
-
-
-def arrange_window(
-    window: list[list[int]], lengths: list[int], batching: str, micro_batch: int, pack_tokens: int
-) -> list[list[int]]:
-    """Regroup one window's pairs into the micro-batches actually run; the pairs never change.
-
-    ``pad``: as drawn. ``group_by_length``: sorted by length, then ``micro_batch`` at a time, so
-    pairs of similar length share a batch and little is padding. ``pack``: first-fit decreasing
-    into rows of at most ``pack_tokens`` tokens (one row per micro-batch; no padding at all).
-    """
-    pairs = [i for mb in window for i in mb]
-    if batching == "pad":
-        return window
-    if batching == "group_by_length":
-        pairs.sort(key=lambda i: lengths[i])
-        return [pairs[j : j + micro_batch] for j in range(0, len(pairs), micro_batch)]
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(pairs, key=lambda i: -lengths[i]):
-        fit = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-        if fit is None:
-            rows.append([i])
-            room.append(pack_tokens - lengths[i])
-        else:
-            rows[fit].append(i)
-            room[fit] -= lengths[i]
-    return rows
-
-
 def summarize_data(cfg: DataConfig, pairs: Pairs, train: Encoded, val: Encoded, say=print) -> dict:
     """Report what loading kept, truncated and skipped (listing skipped rows: none go silently),
     refuse an empty split, and return the counts for metrics.jsonl."""
@@ -314,33 +239,3 @@ def summarize_data(cfg: DataConfig, pairs: Pairs, train: Encoded, val: Encoded, 
         if not split.examples:
             raise DataError(f"dataset {cfg.dataset}: the {name} split is empty after skipping bad rows")
     return stats
-
-
-# ---------------------------------------------------------------------------------------------
-# Order and accumulation windows. Pure functions of (n, seed, epoch, rank, world): the order of
-# every epoch can be recomputed, which resume and replay rely on.
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The shuffled example order of one epoch (a fresh permutation per epoch)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-
-
-def accumulation_windows(
-    order: list[int], micro_batch: int, grad_accum: int, rank: int = 0, world: int = 1
-) -> list[list[list[int]]]:
-    """Split one epoch into optimizer-step windows; return this rank's micro-batches of each.
-
-    A window is ``grad_accum * world`` consecutive micro-batches; rank r takes micro-batches
-    r, r+world, ... of it, so N processes x GA g see exactly the pairs one process x GA N*g
-    sees. The last window of an epoch may be short (it still makes an optimizer step, with its
-    loss normalised by its own token count); no pair is dropped or duplicated. In a short last
-    window a rank may get no micro-batch (the loop then gives it a zero-weight stand-in).
-    """
-    batches = [order[i : i + micro_batch] for i in range(0, len(order), micro_batch)]
-    span = grad_accum * world
-    return [batches[i : i + span][rank::world] for i in range(0, len(batches), span)]
-
-
-def steps_per_epoch(n: int, micro_batch: int, grad_accum: int, world: int = 1) -> int:
-    return math.ceil(math.ceil(n / micro_batch) / (grad_accum * world))

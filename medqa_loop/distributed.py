@@ -1,12 +1,13 @@
 """Several processes (data parallel through Accelerate's DDP): what one process does not need.
 
 Most of it is arithmetic already in the loop: each accumulation window is ``grad_accum_steps *
-world`` micro-batches shared out round-robin (data.accumulation_windows), its target weight is
+world`` micro-batches shared out round-robin (batching.accumulation_windows), its target weight is
 summed over all processes before the first backward (loop.window_counts), and evaluation shards
-the validation split and sums the shards (evaluation.evaluate). Two things need code of their own:
+the validation split and sums the shards (evaluation.evaluate). Two things need code of their
+own:
 
 * an epoch's short last window can leave a process without a micro-batch, yet every process must
-  enter DDP's gradient all-reduce or the others wait forever (``zero_weight_batch``);
+  enter DDP's gradient all-reduce or the others wait forever (``batching.zero_weight_batch``);
 * a launch whose processes do not see each other (``accelerate launch --multi_gpu`` where no GPU
   is visible) would run N independent copies writing the same files (``check_processes``).
 """
@@ -14,10 +15,6 @@ the validation split and sums the shards (evaluation.evaluate). Two things need 
 from __future__ import annotations
 
 import os
-
-import torch
-
-from medqa_loop.losses import IGNORE_INDEX
 
 
 class LaunchError(ValueError):
@@ -40,16 +37,3 @@ def check_processes(accelerator, environ=os.environ) -> str:
         f"processes: {accelerator.num_processes} ({accelerator.distributed_type.value}"
         f"{', ' + backend if backend else ''}); main process on {accelerator.device}"
     )
-
-
-def zero_weight_batch(example: dict, collate_fn, device) -> dict[str, torch.Tensor]:
-    """One pair with no loss on any token, for a process with no micro-batch in a window.
-
-    Its backward runs through every LoRA matrix, so the process joins DDP's all-reduce, and
-    contributes exactly zero gradient. The window's normaliser is the target weight summed over
-    all processes, which this batch does not change, so the update is that of the real pairs.
-    """
-    batch = {k: v.to(device) for k, v in collate_fn([example]).items()}
-    batch["labels"].fill_(IGNORE_INDEX)
-    batch["loss_weights"].zero_()
-    return batch

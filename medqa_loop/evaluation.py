@@ -8,10 +8,9 @@ from typing import Callable
 
 import torch
 
+from medqa_loop.batching import Batch, to_device
 from medqa_loop.losses import target_weight, token_accuracy_counts, weighted_loss_sum
 from medqa_loop.model import model_logits
-
-Batch = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -45,7 +44,7 @@ def evaluate(
     model.eval()  # dropout off
     try:
         for i in range(0, len(mine), batch_size):
-            batch = {k: v.to(accelerator.device) for k, v in collate_fn(mine[i : i + batch_size]).items()}
+            batch = to_device(collate_fn(mine[i : i + batch_size]), accelerator.device)
             logits = model_logits(model, batch)
             totals[0] += weighted_loss_sum(logits, batch["labels"], batch["loss_weights"]).float()
             totals[1] += target_weight(batch)

@@ -1,6 +1,6 @@
 """Merge an adapter into a 16-bit copy of its base and save a standard transformers model.
 
-    python -m medqa_loop.export --adapter runs/tiny/final --out exported/ [--dtype float16]
+    medqa export --adapter runs/tiny/final --out exported/ [--dtype float16]
 
 The result (config.json, model.safetensors, tokenizer) loads with plain
 ``AutoModelForCausalLM.from_pretrained(out)``: no PEFT, no bitsandbytes. The base is loaded
@@ -11,17 +11,13 @@ up to that dtype's rounding of W + B·A (tests/test_export.py states the toleran
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-from medqa_loop.adapter import adapter_tokenizer, check_adapter_fits, load_adapted_model, resolve_adapter
-from medqa_loop.config import ConfigError
-from medqa_loop.model import ModelLoadError
+from medqa_loop.checkpoint.adapter import adapter_tokenizer, check_adapter_fits, load_adapted_model, resolve_adapter
 
 # bfloat16 keeps fp32's range (the usual choice for Mistral); float16 has 3 more mantissa bits.
 # float32 gives a merge exact to fp32 rounding, at twice the size.
@@ -51,23 +47,3 @@ def export_merged(
     merged.save_pretrained(out)  # safetensors
     tokenizer.save_pretrained(out)
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="medqa_loop.export", description=__doc__.splitlines()[0])
-    p.add_argument("--adapter", required=True, help="adapter directory (e.g. runs/tiny/final)")
-    p.add_argument("--out", required=True, help="directory for the merged model")
-    p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
-    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="bfloat16")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args = p.parse_args(argv)
-    try:
-        out = export_merged(args.adapter, args.out, args.base, args.dtype, args.overwrite)
-    except (ConfigError, ModelLoadError, ValueError) as e:  # AdapterError is a ValueError
-        print(f"medqa_loop.export: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"merged model ({args.dtype}) saved to {out}")
-
-
-if __name__ == "__main__":
-    main()

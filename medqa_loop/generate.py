@@ -1,7 +1,7 @@
 """Answer questions with a fine-tuned adapter, from the command line and during training.
 
-    python -m medqa_loop.generate --adapter runs/tiny/final "What is the first-line drug for ...?"
-    python -m medqa_loop.generate --adapter runs/tiny/final --file questions.txt --jsonl
+    medqa generate --adapter runs/tiny/final "What is the first-line drug for ...?"
+    medqa generate --adapter runs/tiny/final --file questions.txt --jsonl
 
 The prompt is built by the same function as in training (data.encode_prompt: BOS + the run's
 prompt template), and the base is loaded like in training (model.load_base, 8-bit unless the
@@ -14,19 +14,15 @@ batch, so a batched answer would depend on the other questions in its batch.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from medqa_loop.config import Config, ConfigError
+from medqa_loop.config import Config
 from medqa_loop.data import DataError, Pairs, check_text, encode_prompt
 from medqa_loop.metrics import MetricsLog
-from medqa_loop.model import ModelLoadError
 
 
 @dataclass
@@ -93,7 +89,7 @@ def eval_sampler(
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# medqa generate
 
 
 def read_questions(path: str | Path, column: str) -> list[str]:
@@ -123,63 +119,27 @@ def read_questions(path: str | Path, column: str) -> list[str]:
     return list(questions)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="medqa_loop.generate", description=__doc__.splitlines()[0])
-    p.add_argument("questions", nargs="*", help="question(s) to answer")
-    p.add_argument("--adapter", required=True, help="adapter directory (e.g. runs/tiny/final)")
-    p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
-    p.add_argument("--file", help="questions: .txt (one per line) or .jsonl/.json/.csv/.parquet")
-    p.add_argument("--question-column", help="column of --file (default: the run's data.question_column)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling")
-    p.add_argument("--jsonl", action="store_true", help="print one JSON line per question")
-    args = p.parse_args(argv)
-    if args.max_new_tokens <= 0:
-        p.error("--max-new-tokens must be > 0")
-    if args.temperature < 0:
-        p.error("--temperature must be >= 0")
-    if not 0 < args.top_p <= 1:
-        p.error("--top-p must be in (0, 1]")
-    if not args.questions and not args.file:
-        p.error("give a question or --file")
-    return args
-
-
-def answer_questions(args: argparse.Namespace) -> list[dict]:
-    """Check everything cheap first (questions, adapter, base shapes), then load and answer."""
+def answer_questions(
+    adapter: str | Path, questions: list[str], settings: GenerationSettings, file: str | None = None,
+    question_column: str | None = None, base: str | None = None, seed: int = 0,
+) -> list[dict]:
+    """Answer ``questions`` (and those of ``file``) with ``adapter``: everything cheap is checked
+    first (questions, adapter, base shapes), then the model is loaded."""
     from transformers import set_seed
 
-    from medqa_loop.adapter import adapter_tokenizer, check_adapter_fits, load_adapted_model, resolve_adapter
+    from medqa_loop.checkpoint.adapter import adapter_tokenizer, check_adapter_fits, load_adapted_model, resolve_adapter
 
-    for i, q in enumerate(args.questions):
+    for i, q in enumerate(questions):
         if not q.strip():
             raise ValueError(f"question {i + 1} on the command line is empty")
-    src = resolve_adapter(args.adapter, args.base)
-    questions = list(args.questions)
-    if args.file:
-        questions += read_questions(args.file, args.question_column or src.run.data.question_column)
+    src = resolve_adapter(adapter, base)
+    questions = list(questions)
+    if file:
+        questions += read_questions(file, question_column or src.run.data.question_column)
     check_adapter_fits(src)
     tokenizer = adapter_tokenizer(src)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_adapted_model(src, src.run.model, device)
-    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
-    set_seed(args.seed)
+    set_seed(seed)
     template = src.run.data.prompt_template
     return [{"question": q, "answer": generate_answer(model, tokenizer, q, template, settings)} for q in questions]
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        results = answer_questions(args)
-    except (ConfigError, DataError, ModelLoadError, ValueError) as e:  # AdapterError is a ValueError
-        print(f"medqa_loop.generate: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    for r in results:
-        print(json.dumps(r) if args.jsonl else f"### Question:\n{r['question']}\n### Answer:\n{r['answer']}\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,6 @@
-"""The training loop: explicit, flat, top to bottom. Every part is built elsewhere and passed in.
+"""The training loop: explicit, flat, top to bottom. Everything it runs on is built elsewhere
+(train.prepare_run) and handed in; what it hands work to (metrics, states, sampling, profiling,
+debugging) is one ``Hooks`` object, called at fixed points you can read below.
 
 One optimizer step = one accumulation window of ``grad_accum_steps`` micro-batches per process:
 
@@ -10,54 +12,57 @@ One optimizer step = one accumulation window of ``grad_accum_steps`` micro-batch
      factor ``world``; the result is exactly d(mean token loss over the window)/d(params),
      however the tokens fall into micro-batches and processes. A mean of micro-batch means
      would over-weight short answers.
-  4. clip (the pre-clip norm is logged), optimizer step, zero_grad. In debug mode
-     (medqa_loop.debug) user hooks and the NaN/inf guard run just before the clip.
-  5. log; every ``eval_every`` steps evaluate (then sample answers, if given); at each epoch end
+  4. debug mode only: user hooks and the NaN/inf guard (which stops the run, or makes the loop
+     drop this step's gradients); then clip, optimizer step, zero_grad (optim.optimizer_step)
+  5. log; every ``eval_every`` steps evaluate (then sample answers, if asked); at each epoch end
      evaluate and save the adapter
-  6. hand the position to ``after_step`` (medqa_loop.state saves a resumable training state)
+  6. save a resumable training state when one is due; a SIGTERM/SIGINT received during the step
+     stops the run here, after that save
 
 We do not use ``accelerator.accumulate``: it decides when to sync from its own micro-step
 counter, which drifts from ours on a short last window. ``no_sync`` on all but the last
-micro-batch gives the same communication saving with no hidden state.
+micro-batch gives the same communication saving with no hidden state. Nor a prepared scheduler:
+Accelerate's steps once per process unless told otherwise; the lr is set on the param groups.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from medqa_loop.batching import Batch, accumulation_windows, epoch_order, run_steps, window_batches, zero_weight_batch
+from medqa_loop.checkpoint.adapter import save_adapter
+from medqa_loop.checkpoint.state import Interrupted, Position, StateSaver
 from medqa_loop.config import Config
-from medqa_loop.data import accumulation_windows, arrange_window, epoch_order, steps_per_epoch
-from medqa_loop.debug import OFF, Debugger, schedule_warnings
-from medqa_loop.distributed import zero_weight_batch
 from medqa_loop.evaluation import evaluate
 from medqa_loop.losses import target_tokens, target_weight, weighted_loss_sum
 from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity
 from medqa_loop.model import model_logits
-from medqa_loop.optim import lr_at
-from medqa_loop.state import Position
+from medqa_loop.optim import lr_at, optimizer_step, schedule_warnings, set_lr
 
-Batch = dict[str, torch.Tensor]
+if TYPE_CHECKING:
+    from medqa_loop.debug.profiling import StepProfiler
+    from medqa_loop.debug.trace import GradientDebugger
+    from medqa_loop.train import PreparedRun
+
 EPS = 1e-8  # floor of the loss normaliser: an all-masked window must not divide by 0
 
 
-def window_batches(
-    window: list[list[int]], examples: list[dict], cfg: Config, collate_fn, device
-) -> list[Batch]:
-    """The micro-batches run for one window: its pairs regrouped as ``data.batching`` says
-    (data.arrange_window), collated, on ``device``. Replay rebuilds a step with this too."""
-    lengths = [len(e["input_ids"]) for e in examples]
-    micro_batches = arrange_window(
-        window, lengths, cfg.data.batching, cfg.train.micro_batch_size, cfg.data.pack_tokens
-    )
-    return [
-        {k: v.to(device) for k, v in collate_fn([examples[i] for i in mb]).items()}
-        for mb in micro_batches
-    ]
+@dataclass
+class Hooks:
+    """What the loop hands work to, besides its own maths; each is called at one point of a step
+    (module docstring), and only ``log`` is required."""
+
+    log: MetricsLog  # a line per step and per evaluation
+    sample_answers: Callable[[int], object] | None = None  # after each evaluation (generate.eval_sampler)
+    states: StateSaver | None = None  # training states, and the stop on SIGTERM/SIGINT
+    profiler: StepProfiler | None = None  # torch.profiler around train.profile_steps
+    debugger: GradientDebugger | None = None  # debug.enabled: trace, NaN/inf guard, hooks
 
 
 def forward_loss_sum(model, batch: Batch) -> torch.Tensor:
@@ -109,89 +114,79 @@ def backward_window(
     return loss_sum
 
 
-def train(
-    cfg: Config,
-    accelerator,
-    model,
-    optimizer: torch.optim.Optimizer,
-    train_examples: list[dict],
-    val_examples: list[dict],
-    collate_fn: Callable[[list[dict]], Batch],
-    save_checkpoint: Callable[[str], object],
-    log: MetricsLog,
-    sample_answers: Callable[[int], object] | None = None,
-    start: Position = Position(),
-    after_step: Callable[[int, int, int, int, bool], None] | None = None,
-    debugger: Debugger = OFF,
-) -> dict:
+def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
     """Run the configured epochs (or ``train.max_steps``); return the last logged values.
 
-    ``sample_answers(step)``, when given, runs after each evaluation (see medqa_loop.generate).
-    ``start`` is where a resumed run stands (its model, optimizer and RNGs already restored):
+    ``run.start`` is where a resumed run stands (its model, optimizer and RNGs already restored):
     the windows before it are skipped, not replayed, since the data order is a pure function of
-    (seed, epoch). ``after_step(step, epoch, windows_done, windows_in_epoch, last)`` runs after
-    every step; it may raise to stop the run (state.Interrupted).
-    ``debugger`` (medqa_loop.debug) sees each step at three points; the default does nothing.
+    (seed, epoch).
     """
     t = cfg.train
+    accelerator, model, optimizer, examples = run.accelerator, run.model, run.optimizer, run.train_examples
     rank, world = accelerator.process_index, accelerator.num_processes
-    per_epoch = steps_per_epoch(len(train_examples), t.micro_batch_size, t.grad_accum_steps, world)
-    total_steps = per_epoch * t.epochs if t.max_steps is None else min(t.max_steps, per_epoch * t.epochs)
+    total_steps = run_steps(len(examples), t, world)
     params = [p for p in model.parameters() if p.requires_grad]
-    # Clipping at 0 would zero every update; 0 means "don't clip" (the norm is still logged).
-    clip_at = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+    debugger = hooks.debugger
     for message in schedule_warnings(t, total_steps):
         accelerator.print(f"warning: {message}")
 
     def run_eval(step: int, epoch: float, max_batches: int | None = t.eval_max_batches) -> float:
-        r = evaluate(accelerator, model, val_examples, collate_fn, t.eval_batch_size, max_batches)
-        log.write(
+        r = evaluate(accelerator, model, run.val_examples, run.collate_fn, t.eval_batch_size, max_batches)
+        hooks.log.write(
             step=step, epoch=round(epoch, 4), eval_loss=r.loss, eval_ppl=perplexity(r.loss),
             eval_token_acc=r.token_acc,
         )
-        if sample_answers is not None:
-            sample_answers(step)
+        if hooks.sample_answers is not None:
+            hooks.sample_answers(step)
         return r.loss
 
     # A short eval before the first step: a broken eval path or a NaN model fails in seconds,
     # not after the first eval_every steps; it also records the starting loss.
-    last = {"step": start.step}
-    if t.sanity_eval_batches and start.step == 0:  # a resumed run logged its own at step 0
+    step = run.start.step
+    if hooks.profiler is not None:
+        hooks.profiler.start(step + 1)  # step 1's recording includes the sanity eval
+    last = {"step": step}
+    if t.sanity_eval_batches and step == 0:  # a resumed run logged its own at step 0
         last["eval_loss"] = run_eval(0, 0.0, t.sanity_eval_batches)
 
     model.train()
-    step = start.step
     # A context manager, so that a run stopped by an exception (NaN guard, signal) closes its bar.
     with tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train") as bar:
-        for epoch in range(start.epoch, t.epochs):
-            order = epoch_order(len(train_examples), cfg.seed, epoch)
+        for epoch in range(run.start.epoch, t.epochs):
+            order = epoch_order(len(examples), cfg.seed, epoch)
             windows = accumulation_windows(order, t.micro_batch_size, t.grad_accum_steps, rank, world)
-            done = start.window if epoch == start.epoch else 0  # windows trained before a resume
+            done = run.start.window if epoch == run.start.epoch else 0  # windows trained before a resume
             for window_index, window in enumerate(windows[done:], start=done):
                 if step >= total_steps:
                     break  # train.max_steps reached mid-epoch
+                # 1. lr
                 started = time.perf_counter()
                 lr = lr_at(step, t.lr, t.warmup_steps, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, lr)
 
-                batches = window_batches(window, train_examples, cfg, collate_fn, accelerator.device)
+                # 2.-3. the window: its counts first, then forward and backward per micro-batch
+                batches = window_batches(window, examples, cfg, run.collate_fn, accelerator.device)
                 counts = window_counts(accelerator, batches)
                 if not batches:  # no share of an epoch's short last window; it must still join DDP
-                    batches = [zero_weight_batch(train_examples[0], collate_fn, accelerator.device)]
-                loss_sum = backward_window(accelerator, model, batches, counts[0], debugger.watch(step + 1))
+                    batches = [zero_weight_batch(examples[0], run.collate_fn, accelerator.device)]
+                watch = debugger.watch(step + 1) if debugger is not None else None
+                loss_sum = backward_window(accelerator, model, batches, counts[0], watch)
                 # The window's mean token loss stays on the GPU until clip and step are queued:
                 # reading it here would idle the GPU while the CPU queues them.
                 mean_loss = accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)
-                # Debug mode: user hooks, and the NaN/inf guard (raises, or drops the gradients to skip).
-                debugger.before_clip(step + 1, model, batches, mean_loss)
 
-                grad_norm = accelerator.clip_grad_norm_(params, clip_at)  # returns the pre-clip norm
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                # 4. debug mode: user hooks and the NaN/inf guard (debug.nan_policy=stop raises);
+                # then the update.
+                skip = debugger.before_clip(step + 1, model, batches, mean_loss) if debugger is not None else None
+                if skip is not None:  # debug.nan_policy=skip: this step applies no update
+                    accelerator.print(f"debug: {skip.message}")
+                    for p in params:
+                        p.grad = None  # AdamW leaves parameters without a gradient alone: no decay either
+                grad_norm = optimizer_step(accelerator, optimizer, params, t.max_grad_norm)
                 step += 1
                 loss = mean_loss.item()  # the step's one wait for the GPU
 
+                # 5. log, evaluate, the epoch's adapter
                 elapsed = time.perf_counter() - started
                 epoch_pos = epoch + (window_index + 1) / len(windows)
                 last = {
@@ -199,7 +194,8 @@ def train(
                     "epoch": round(epoch_pos, 4),
                     "loss": loss,
                     "lr": lr,
-                    "grad_norm": float(grad_norm),
+                    # A skipped step's gradients were dropped before clipping: log what they were.
+                    "grad_norm": float(grad_norm) if skip is None else skip.grad_norm,
                     "target_tokens": int(counts[1]),
                     "tokens_per_s": counts[2].item() / elapsed,
                     "samples_per_s": counts[3].item() / elapsed,
@@ -207,22 +203,35 @@ def train(
                 }
                 if (peak := peak_memory_gb(accelerator.device)) is not None:
                     last["peak_gb"] = peak
-                last.update(debugger.after_step(step, last))  # debug: trace line; a skip marks its step
-                log.write(**last)
+                if skip is not None:
+                    last["skipped_nonfinite"] = debugger.skipped
+                if debugger is not None:
+                    debugger.after_step(step, last, skipped=skip is not None)  # the grad_trace.jsonl line
+                hooks.log.write(**last)
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{float(grad_norm):.3f}",
+                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{last['grad_norm']:.3f}",
                     tok_s=f"{last['tokens_per_s']:.0f}",
                 )
-
                 if window_index == len(windows) - 1:
                     last["eval_loss"] = run_eval(step, epoch + 1.0)
-                    save_checkpoint(f"epoch-{epoch + 1}")
+                    save_adapter(accelerator, model, run.out / f"epoch-{epoch + 1}", run.tokenizer)
                 elif step % t.eval_every == 0:
                     last["eval_loss"] = run_eval(step, epoch_pos)
-                if after_step is not None:
-                    after_step(step, epoch, window_index + 1, len(windows), step >= total_steps)
+
+                # 6. a training state when due; a signal received during the step stops here
+                if hooks.profiler is not None:
+                    hooks.profiler.stop(step)  # before the state save: a recording holds its step only
+                if hooks.states is not None:
+                    position = Position.after(step, epoch, window_index + 1, len(windows))
+                    signum = hooks.states.signal_received()
+                    if signum or hooks.states.due(position, last=step >= total_steps):
+                        saved = hooks.states.save(position)
+                        if signum:
+                            raise Interrupted(signum, step, saved)
+                if hooks.profiler is not None:
+                    hooks.profiler.start(step + 1)
             if step >= total_steps:
                 break
-    save_checkpoint("final")
+    save_adapter(accelerator, model, run.out / "final", run.tokenizer)
     return last

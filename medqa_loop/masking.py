@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from medqa_loop.plugins import load_callable
+from medqa_loop.user_code import load_callable
 
 
 @dataclass(frozen=True)

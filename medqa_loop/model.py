@@ -1,4 +1,4 @@
-"""Model: tokenizer, the 8-bit base, LoRA adapters, gradient checkpointing.
+"""Model: tokenizer, the 8-bit base, LoRA adapters, gradient checkpointing, LoRA names.
 
 Deliberately *not* ``peft.prepare_model_for_kbit_training``: it up-casts every non-int8 weight
 (embeddings, norms, lm_head) to fp32 and so costs GBs on a 7B base (peft#1149). The frozen base
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from medqa_loop import attention
+from medqa_loop.kernels import attention
+from medqa_loop.batching import Batch
 from medqa_loop.config import EMBEDDED_TOKENIZER, LoraSettings, ModelConfig
 
 # LLM.int8 multiplies in fp16 by design; bitsandbytes logs a warning on every fp32 call saying so.
@@ -112,7 +113,9 @@ def load_base(cfg: ModelConfig, source: str, device: torch.device):
             llm_int8_skip_modules=["lm_head"],
         )
     if cfg.attn_implementation == attention.NAME:
-        attention.register()
+        from medqa_loop.kernels.patch import register_varlen_attention
+
+        register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(
         source,
         quantization_config=quant,
@@ -124,7 +127,7 @@ def load_base(cfg: ModelConfig, source: str, device: torch.device):
     )
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if cfg.load_in_8bit and cfg.int8_matmul == "dequant":
-        from medqa_loop.quant import use_dequant_matmul
+        from medqa_loop.kernels.patch import use_dequant_matmul
 
         use_dequant_matmul(model)
     return model
@@ -143,7 +146,7 @@ def enable_checkpointing(model) -> None:
 
 def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool, fused_ops: bool = False):
     """Freeze the base and wrap it with trainable LoRA adapters (PEFT); with ``fused_ops`` run
-    LoRA linears, norms and MLPs through medqa_loop.fused."""
+    LoRA linears, norms, MLPs and the rotary embedding through medqa_loop.kernels."""
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
@@ -157,7 +160,7 @@ def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool, fused_ops:
     )
     model = get_peft_model(model, config)
     if fused_ops:
-        from medqa_loop.fused import use_fused_ops
+        from medqa_loop.kernels.patch import use_fused_ops
 
         use_fused_ops(model)
     return model
@@ -169,11 +172,31 @@ def is_int8_linear(module) -> bool:
     return isinstance(module, bnb.nn.Linear8bitLt) and module.weight.dtype == torch.int8
 
 
-def model_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits of a padded or packed batch (data.collate makes both)."""
+def model_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits of a padded or packed batch (batching.collate makes both)."""
     if "position_ids" in batch:  # packed: pairs are separated by position restarts (sdpa, eager,
         # flex build a block-diagonal mask from them) and by cu_seq_lens (varlen reads these)
         return model(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], **attention.varlen_kwargs(batch)
         ).logits
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def module_name(name: str) -> str:
+    """'base_model.model.model.layers.0.mlp.up_proj.lora_A.default.weight' -> 'layers.0.mlp.up_proj.lora_A':
+    a LoRA matrix, or an 8-bit layer, named without PEFT's wrapper and adapter name."""
+    parts = name.split(".")
+    while parts and parts[0] in ("module", "base_model", "model"):  # DDP, PEFT and HF wrappers
+        parts = parts[1:]
+    if parts and parts[-1] == "weight":
+        parts.pop()
+    if len(parts) >= 2 and parts[-2].startswith("lora_"):
+        parts.pop()  # PEFT's adapter name ("default")
+    if parts and parts[-1] == "base_layer":
+        parts.pop()
+    return ".".join(parts)
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters (the LoRA matrices) by module name, in model order."""
+    return {module_name(n): p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule.
+"""Optimizer, learning-rate schedule, gradient clipping: the update, written once.
 
 The schedule is a pure function of the optimizer step, set on the param groups by the loop before
 each step (nanoGPT-style) instead of a ``LambdaLR``: nothing to save or restore besides the step,
@@ -42,3 +42,55 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
     # the H100 host (BENCHMARKS.md, run H). Same maths, same state dict.
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
+
+
+def clip_limit(max_grad_norm: float) -> float:
+    """The norm clipping clips to: ``train.max_grad_norm``, where 0 means "don't clip" (clipping
+    at 0 would zero every update; the norm is still computed and logged)."""
+    return max_grad_norm if max_grad_norm > 0 else float("inf")
+
+
+def clip_coef(grad_norm: float, max_grad_norm: float) -> float:
+    """The factor clipping multiplied the gradients by (torch.nn.utils.clip_grad_norm_'s formula)."""
+    return min(1.0, clip_limit(max_grad_norm) / (grad_norm + 1e-6))
+
+
+def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``params`` to ``train.max_grad_norm``; return the pre-clip global
+    norm (a GPU tensor: reading it waits for the GPU)."""
+    return accelerator.clip_grad_norm_(params, clip_limit(max_grad_norm))
+
+
+def optimizer_step(accelerator, optimizer, params: list[torch.nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+    """The update, after a window's backward: clip, AdamW step, drop the gradients. Returns the
+    pre-clip norm. The loop, replay and the benchmarks step through this one function."""
+    grad_norm = clip_gradients(accelerator, params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def schedule_warnings(train_cfg, total_steps: int) -> list[str]:
+    """Warnings about a warmup or an eval interval that is long for this run's step count."""
+    t, messages = train_cfg, []
+    if t.warmup_steps >= total_steps:
+        messages.append(
+            f"train.warmup_steps={t.warmup_steps} is not shorter than the run's {total_steps} "
+            f"optimizer steps: the learning rate never reaches train.lr={t.lr:g}"
+        )
+    elif t.warmup_steps > total_steps / 4:
+        messages.append(
+            f"train.warmup_steps={t.warmup_steps} is {100 * t.warmup_steps / total_steps:.0f}% of "
+            f"the run's {total_steps} optimizer steps"
+        )
+    if t.eval_every > total_steps / 2:
+        messages.append(
+            f"train.eval_every={t.eval_every} evaluates {total_steps // t.eval_every} time(s) in "
+            f"the run's {total_steps} optimizer steps, besides epoch ends"
+        )
+    return messages
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

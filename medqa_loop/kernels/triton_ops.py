@@ -1,23 +1,24 @@
-"""Triton kernels for the elementwise passes of a step (imported on CUDA only: Triton ships with
-CUDA builds of torch). Each computes what its eager reference computes; CUDA tests check them.
+"""Triton kernels for the small passes of a step (imported on CUDA only: Triton ships with CUDA
+builds of torch). Each has the signature of, and computes what, its eager reference in
+``medqa_loop.kernels.reference`` computes (``medqa_loop.kernels.ops`` picks one); CUDA tests
+check them.
 
 * ``dropped``: dropout's keep mask hashed from (seed, index) in 32-bit
   unsigned arithmetic (the reference's int64-and-mask maths gives the same bits), applied as the
-  input is read. Reference: medqa_loop.dropout; the same bits.
+  input is read; the same bits as the reference.
 * ``dropped_linear`` / ``dropped_grad`` / ``dropped_product``: LoRA's A side with dropout inside
   the matmul: the masked input is never written (forward: scale * dropped(x) A^T; backward:
   A's gradient g^T dropped(x), fp32, and x's gradient's LoRA part dropped(g A), masked as it is
-  written). Reference: medqa_loop.dropout; within a rounding (fp32 accumulation in another
-  order, one rounding instead of two).
-* ``dequantize``: W = CB * SCB/127, one pass over the int8 weight. Reference: medqa_loop.quant;
-  the same bits.
+  written); within a rounding of the reference (fp32 accumulation in another order,
+  one rounding instead of two).
+* ``dequantize``: W = CB * SCB/127, one pass over the int8 weight; the same bits as the reference.
 * ``rotary``: the rotary position embedding of q or k ([batch, heads, tokens, head_dim] over
   [batch, tokens, heads, head_dim] memory, as the attention's projections leave them), forward
   or backward, one program per token, fp32 inside. Reference: transformers'
   apply_rotary_pos_emb; within a rounding (it rounds each product and the sum).
 * ``rmsnorm`` / ``rmsnorm_backward``: one program per token (row), fp32 inside.
-  ``silu_mul`` / ``silu_mul_backward``: SwiGLU, fp32 inside. Reference: medqa_loop.fused;
-  within a rounding of the output dtype (the row sums add in another order).
+  ``silu_mul`` / ``silu_mul_backward``: SwiGLU, fp32 inside; within a rounding of
+  the output dtype of the reference (the row sums add in another order).
 
 All of them are launched with plain Python calls, a small fraction of the CPU time a
 torch.compile'd call costs (~0.1 ms), which matters at ~2,000 calls a window.
@@ -194,7 +195,7 @@ def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch
     return out
 
 
-# -- RMSNorm and SwiGLU (medqa_loop.fused's maths) ----------------------------------------------
+# -- RMSNorm and SwiGLU ----------------------------------------------
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """Gradient-accumulation self-test: one window of k micro-batches vs one batch of the same pairs.
 
-    python -m medqa_loop.selftest [--config FILE] [--set key=value ...] [--eval-mode]
+    medqa selftest [--config NAME|FILE] [--set key=value ...] [--eval-mode]
 
 On the configured model and data, the first window of the run (``train.grad_accum_steps``
 micro-batches of ``train.micro_batch_size`` pairs, at least 2) goes through the loop's own
@@ -23,19 +23,17 @@ the CPU is the LLM.int8 path CUDA training takes.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import tempfile
 from dataclasses import dataclass
 
 import torch
 
+from medqa_loop.batching import accumulation_windows, epoch_order, to_device
 from medqa_loop.config import Config, ConfigError, load_config
-from medqa_loop.data import DataError, accumulation_windows, epoch_order
-from medqa_loop.debug import Int8Outliers, trainable
+from medqa_loop.debug.int8 import Int8Outliers
 from medqa_loop.loop import backward_window, window_counts
-from medqa_loop.model import ModelLoadError
+from medqa_loop.model import trainable
 
 # Relative-difference tolerances and why (see the module docstring for the measurements).
 FP32 = (1e-5, "fp32 compute: only summation order differs")
@@ -86,10 +84,7 @@ def check(parts, cfg: Config, eval_mode: bool = False) -> SelftestResult:
     def gradient(groups: list[list[int]]) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
         outliers.reset()
-        batches = [
-            {k: v.to(accelerator.device) for k, v in parts.collate_fn([parts.train_examples[i] for i in g]).items()}
-            for g in groups
-        ]
+        batches = [to_device(parts.collate_fn([parts.train_examples[i] for i in g]), accelerator.device) for g in groups]
         backward_window(accelerator, model, batches, window_counts(accelerator, batches)[0])
         return {n: p.grad.detach().double().clone() for n, p in params.items()}
 
@@ -133,28 +128,12 @@ def report(r: SelftestResult, cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from medqa_loop.train import build_parts
+def run_selftest(config: str | None, overrides: list[str], eval_mode: bool = False) -> tuple[bool, str]:
+    """``medqa selftest``: build the run's parts in a scratch output_dir (a run directory is never
+    touched), with dropout off; return (passed, the report)."""
+    from medqa_loop.train import prepare_run
 
-    p = argparse.ArgumentParser(prog="medqa_loop.selftest", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML config (default: the original recipe)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument(
-        "--eval-mode", action="store_true",
-        help="both passes in eval mode (on the CPU: bitsandbytes' LLM.int8 path, as in CUDA training)",
-    )
-    args = p.parse_args(argv)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            # A scratch output_dir: a run directory is never touched.
-            cfg = load_config(args.config, [*args.set, f"output_dir={tmp}", "lora.dropout=0.0"])
-            result = check(build_parts(cfg), cfg, args.eval_mode)
-    except (ConfigError, DataError, ModelLoadError, ValueError) as e:
-        print(f"medqa_loop.selftest: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(report(result, cfg))
-    sys.exit(0 if result.passed else 1)
-
-
-if __name__ == "__main__":
-    main()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(config, [*overrides, f"output_dir={tmp}", "lora.dropout=0.0"])
+        result = check(prepare_run(cfg), cfg, eval_mode)
+    return result.passed, report(result, cfg)

@@ -1,6 +1,6 @@
 """Plot a run: loss and eval loss, lr, grad norm and clip coefficient against the optimizer step.
 
-    python -m medqa_loop.plot RUN_DIR [--out FILE.png]
+    medqa plot RUN_DIR [--out FILE.png]
 
 Reads ``RUN_DIR/metrics.jsonl`` (and ``config.yaml`` for the clipping threshold); writes
 ``RUN_DIR/training.png`` by default. Works on any run directory, finished or not. The clip
@@ -10,15 +10,12 @@ logged pre-clip norm. Needs matplotlib (a dependency of this package).
 
 from __future__ import annotations
 
-import argparse
-import math
-import sys
 from pathlib import Path
 
 import yaml
 
-from medqa_loop.debug import clip_coef
 from medqa_loop.metrics import read_metrics
+from medqa_loop.optim import clip_coef
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None):
@@ -36,9 +33,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None):
     evals = [r for r in records if "eval_loss" in r]
     if not steps and not evals:
         raise ValueError(f"{run / 'metrics.jsonl'} holds no step or evaluation yet")
-    max_norm = math.inf
+    max_norm = 0.0  # no clipping known
     if (run / "config.yaml").is_file():
-        max_norm = yaml.safe_load((run / "config.yaml").read_text())["train"]["max_grad_norm"] or math.inf
+        max_norm = yaml.safe_load((run / "config.yaml").read_text())["train"]["max_grad_norm"]
 
     x = [r["step"] for r in steps]
     fig, axes = plt.subplots(4, 1, sharex=True, figsize=(8, 10))
@@ -50,7 +47,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None):
     lr_ax.plot(x, [r["lr"] for r in steps])
     lr_ax.set_ylabel("learning rate")
     norm_ax.plot(x, [r["grad_norm"] for r in steps], label="pre-clip grad norm")
-    if math.isfinite(max_norm):
+    if max_norm > 0:
         norm_ax.axhline(max_norm, color="grey", linestyle="--", label=f"max_grad_norm {max_norm:g}")
     norm_ax.set_ylabel("grad norm")
     norm_ax.legend()
@@ -64,20 +61,3 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None):
     out = Path(out) if out is not None else run / "training.png"
     fig.savefig(out, dpi=100)
     return out, fig
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="medqa_loop.plot", description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
-    p.add_argument("--out", help="PNG file to write (default: RUN_DIR/training.png)")
-    args = p.parse_args(argv)
-    try:
-        path, _ = plot_run(args.run_dir, args.out)
-    except ValueError as e:
-        print(f"medqa_loop.plot: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()

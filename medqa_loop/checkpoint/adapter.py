@@ -1,6 +1,8 @@
-"""A saved adapter and what it needs: the base it belongs to, its run's settings, its tokenizer.
+"""Adapters in PEFT's own layout (adapter_model.safetensors + adapter_config.json), so plain
+``peft.PeftModel.from_pretrained(base, dir)`` loads them: saving one from the loop, and using one
+with what it needs: the base it belongs to, its run's settings, its tokenizer.
 
-Shared by medqa_loop.generate and medqa_loop.export. An adapter directory written by the loop
+Read by medqa_loop.generate and medqa_loop.export. An adapter directory written by the loop
 (``<output_dir>/epoch-<n>`` or ``final``) sits next to the run's ``config.yaml``; from there we
 take the prompt template and the base's loading settings (8-bit, dtype, outlier threshold), so the
 adapter is used exactly as it was trained. Any PEFT LoRA directory works too, with the defaults.
@@ -27,6 +29,19 @@ PEFT_PREFIX = "base_model.model."  # PEFT's prefix of every saved adapter tensor
 
 class AdapterError(ValueError):
     """The adapter directory is missing, incomplete, or does not fit the base. Names the paths."""
+
+
+def save_adapter(accelerator, model, out_dir: Path, tokenizer=None) -> Path:
+    """Save the LoRA weights (and the tokenizer, so the directory is usable on its own); the
+    main process writes, every process waits for it."""
+    out_dir = Path(out_dir)
+    accelerator.wait_for_everyone()  # every rank finished the step whose weights we save
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(out_dir, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+    accelerator.wait_for_everyone()
+    return out_dir
 
 
 @dataclass

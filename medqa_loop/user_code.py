@@ -1,4 +1,5 @@
-"""User code given by import path (``package.module:function``): loss masks and debug hooks."""
+"""User code given by import path (``package.module:function``): loss masks and debug hooks.
+The one place medqa_loop imports code a config names."""
 
 from __future__ import annotations
 

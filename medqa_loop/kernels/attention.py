@@ -1,6 +1,6 @@
 """Attention for packed rows: each pair attends only to its own tokens, and only those are computed.
 
-A packed row (data.collate) holds many pairs. Through SDPA that needs a block-diagonal T x T
+A packed row (medqa_loop.batching.collate) holds many pairs. Through SDPA that needs a block-diagonal T x T
 mask, and SDPA's masked kernel computes every block of it: for a 2k-token row of four pairs
 three quarters of the attention work is thrown away, for an 8k row of 17 pairs 94% (measured:
 about half of a step's time went there). ``varlen`` hands FlashAttention the pairs' boundaries
@@ -9,9 +9,10 @@ on CUDA in bf16/fp16, so the work is that of the pairs alone. Where that kernel 
 fp32) the same boundaries drive one causal SDPA per pair; tests check both against SDPA with
 the mask.
 
-``model.attn_implementation: varlen`` registers this under that name with transformers. Batches
-without boundaries (padded batches, generation with a KV cache) go to transformers' own SDPA,
-for which the same name gets the SDPA mask.
+``model.attn_implementation: varlen`` registers this under that name with transformers
+(``medqa_loop.kernels.patch.register_varlen_attention``). Batches without boundaries (padded
+batches, generation with a KV cache) go to transformers' own SDPA, for which the same name gets
+the SDPA mask.
 """
 
 from __future__ import annotations
@@ -95,12 +96,3 @@ def varlen_attention(
     else:
         out = _per_pair(q, k, v, cu_seq_lens_q, scale)
     return out.unsqueeze(0), None
-
-
-def register() -> None:
-    """Make ``attn_implementation="varlen"`` known to transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(NAME, varlen_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)

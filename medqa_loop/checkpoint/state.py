@@ -9,7 +9,7 @@ bitwise the run that was never stopped (on the CPU; some CUDA kernels are not de
 
 ``<output_dir>/state/step-<N>/`` holds:
 
-  adapter_model.safetensors, adapter_config.json   the LoRA weights (checkpoint.save_adapter)
+  adapter_model.safetensors, adapter_config.json   the LoRA weights (adapter.save_adapter)
   optimizer.bin, random_states_<rank>.pkl          Accelerate's save_state, base weights left out
   trainer_state.json                               position, number of processes, data digest
   config.yaml                                      the config the run was going with
@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 import yaml
 
-from medqa_loop.checkpoint import save_adapter
+from medqa_loop.checkpoint.adapter import save_adapter
 from medqa_loop.config import Config
 
 STATE_DIR = "state"
@@ -76,6 +76,13 @@ class Position:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch of the next window
     window: int = 0  # windows of that epoch already trained on
+
+    @classmethod
+    def after(cls, step: int, epoch: int, windows_done: int, windows_in_epoch: int) -> "Position":
+        """Where a run stands after ``step``, the ``windows_done``-th window of ``epoch``."""
+        if windows_done == windows_in_epoch:
+            return cls(step, epoch + 1, 0)
+        return cls(step, epoch, windows_done)
 
 
 def step_of(path: Path) -> int:
@@ -287,8 +294,8 @@ def trim_metrics(path: Path, step: int) -> None:
 
 
 class StateSaver:
-    """Saves training states from the loop (``after_step``) and turns SIGTERM/SIGINT into
-    "finish this window, save a state, raise Interrupted"."""
+    """Saves training states for the loop, and turns SIGTERM/SIGINT into "finish this window, save
+    a state, stop" (the loop asks ``signal_received`` after every step)."""
 
     def __init__(self, cfg: Config, accelerator, model, examples_sha256: str):
         self.cfg, self.accelerator, self.model = cfg, accelerator, model
@@ -296,20 +303,16 @@ class StateSaver:
         self.root = Path(cfg.output_dir) / STATE_DIR
         self.signum = 0
 
-    def after_step(self, step: int, epoch: int, windows_done: int, windows_in_epoch: int, last: bool):
-        """Called by the loop after every optimizer step, its eval and its checkpoint."""
-        if windows_done == windows_in_epoch:
-            position = Position(step, epoch + 1, 0)
-        else:
-            position = Position(step, epoch, windows_done)
-        # Every process must see the same decision, or one would wait forever in a collective.
+    def signal_received(self) -> int:
+        """The signal any process received during the step (0: none). A collective: every process
+        must see the same answer, or one would wait forever in the next one."""
         signum = torch.tensor(self.signum, device=self.accelerator.device)
-        signum = int(self.accelerator.reduce(signum, reduction="max"))
+        return int(self.accelerator.reduce(signum, reduction="max"))
+
+    def due(self, position: Position, last: bool) -> bool:
+        """A state is saved every ``train.save_every`` steps, at each epoch end and at the last step."""
         every = self.cfg.train.save_every
-        if signum or last or position.window == 0 or (every is not None and step % every == 0):
-            path = self.save(position)
-            if signum:
-                raise Interrupted(signum, step, path)
+        return last or position.window == 0 or (every is not None and position.step % every == 0)
 
     def save(self, position: Position) -> Path:
         acc = self.accelerator

@@ -1,0 +1,161 @@
+"""Patching transformers' and PEFT's modules onto the fast path: each swap replaces the forward
+of a module *instance* with one that calls ``medqa_loop.kernels.autograd``; transformers' and
+PEFT's classes and modules are never touched.
+
+Parameters, state dicts, PEFT saving/merging and hooks on the modules are unchanged, and
+anything the fused path does not cover (merged or disabled adapters, several adapters, trainable
+norms, DoRA) runs the stock forward. The attention's forward is transformers' own code with only
+its rotary function swapped (``_with_fused_rotary``). The swaps:
+
+* ``use_dequant_matmul`` (``model.int8_matmul: dequant``): every bitsandbytes Linear8bitLt
+  through ``DequantLinear``; its int8 weight and state dict stay bitsandbytes' own.
+* ``use_fused_ops`` (``model.fused_ops: true``): LoRA linears through ``LoraLinear`` (the MLP's
+  down_proj through ``BaseAfterLora`` too), RMSNorms through ``RMSNormFn``, SiLU MLPs through
+  ``SiluMul``, the attention's ``apply_rotary_pos_emb`` through ``RotaryFn`` where it covers the
+  inputs.
+* ``register_varlen_attention`` (``model.attn_implementation: varlen``): the packed-pair attention
+  of ``medqa_loop.kernels.attention`` under that name in transformers' attention registry.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import torch
+
+from medqa_loop.kernels import attention, ops
+from medqa_loop.kernels.autograd import BaseAfterLora, DequantLinear, LoraLinear, RMSNormFn, RotaryFn, SiluMul
+
+
+def int8_state(module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB int8 [out, in], SCB fp32 [out]) of a bitsandbytes Linear8bitLt.
+
+    bitsandbytes moves SCB from the weight to ``module.state`` on its first forward; either place.
+    """
+    scb = getattr(module.weight, "SCB", None)
+    if scb is None:
+        scb = module.state.SCB
+    return module.weight.data, scb
+
+
+def _dequant_forward(self, x: torch.Tensor) -> torch.Tensor:
+    cb, scb = int8_state(self)
+    return DequantLinear.apply(x, cb, scb, self.bias)
+
+
+def uses_dequant_matmul(module) -> bool:
+    """Whether ``use_dequant_matmul`` routed this bitsandbytes layer (else: LLM.int8)."""
+    return getattr(module.forward, "__func__", None) is _dequant_forward
+
+
+def use_dequant_matmul(model: torch.nn.Module) -> int:
+    """Route every bitsandbytes Linear8bitLt of ``model`` through DequantLinear; return how many."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            module.forward = types.MethodType(_dequant_forward, module)
+            n += 1
+    return n
+
+
+def register_varlen_attention() -> None:
+    """Make ``attn_implementation="varlen"`` known to transformers (idempotent). Batches without
+    pair boundaries go to transformers' SDPA, for which the same name gets the SDPA mask."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(attention.NAME, attention.varlen_attention)
+    AttentionMaskInterface.register(attention.NAME, sdpa_mask)
+
+
+def _rotary_with_fallback(eager):
+    """An apply_rotary_pos_emb that runs RotaryFn where it covers the inputs, else ``eager`` (the
+    model's own function: on the CPU, in fp64, with other layouts or arguments)."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if args or kwargs or not ops.rotary_covers(q, k, cos, sin):
+            return eager(q, k, cos, sin, *args, **kwargs)
+        return RotaryFn.apply(q, k, cos, sin)
+
+    return apply_rotary_pos_emb
+
+
+def _with_fused_rotary(forward):
+    """A copy of an attention class's forward (transformers' own code, its decorators peeled off:
+    they only rename deprecated keywords, which medqa_loop's layers do not pass) whose global
+    ``apply_rotary_pos_emb`` is ``_rotary_with_fallback`` of the original; None if the forward
+    does not call it. Per instance, unlike patching transformers' module."""
+    fn = inspect.unwrap(forward)
+    eager = fn.__globals__.get("apply_rotary_pos_emb")
+    if eager is None or "apply_rotary_pos_emb" not in fn.__code__.co_names:
+        return None
+    globals_ = {**fn.__globals__, "apply_rotary_pos_emb": _rotary_with_fallback(eager)}
+    copy = types.FunctionType(fn.__code__, globals_, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
+
+
+def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT LoRA layer forward through LoraLinear, when it is the plain single-adapter case."""
+    names = [n for n in self.active_adapters if n in self.lora_A]
+    variants = getattr(self, "lora_variant", {})  # DoRA and friends (newer PEFT)
+    if self.disable_adapters or self.merged or args or kwargs or len(names) != 1 or names[0] in variants:
+        return type(self).forward(self, x, *args, **kwargs)
+    name = names[0]
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
+    # Drawn from the global CPU generator: seeded runs repeat, and activation checkpointing
+    # (which restores the RNG state for its recompute) draws the same seed again.
+    seed = int(torch.randint(2**62, ())) if p > 0 else 0
+    base = self.get_base_layer()
+    w, scb = int8_state(base) if base.weight.dtype == torch.int8 else (base.weight, None)
+    lora = (self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, seed)
+    if getattr(self, "_medqa_base_last", False):  # the layer's last projection: see BaseAfterLora
+        return BaseAfterLora.apply(x, w, scb, LoraLinear.apply(x, w, scb, base.bias, *lora, False))
+    return LoraLinear.apply(x, w, scb, base.bias, *lora)
+
+
+def _rmsnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if self.weight.requires_grad:
+        return type(self).forward(self, x)
+    return RMSNormFn.apply(x, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
+    """Route LoRA linears, RMSNorms, SiLU MLPs and the attention's rotary embedding of ``model``
+    (after PEFT wrapping) through the fused functions; return how many of each. Call after
+    ``use_dequant_matmul`` and ``get_peft_model``.
+    LoRA layers over bitsandbytes' LLM.int8 matmul (``model.int8_matmul: bnb``) are left alone."""
+    from peft.tuners.lora import LoraLayer
+
+    counts = {"lora": 0, "rmsnorm": 0, "mlp": 0, "rotary": 0}
+    for module in model.modules():
+        kind = type(module).__name__
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear):
+            base = module.get_base_layer()
+            if base.weight.dtype == torch.int8 and not uses_dequant_matmul(base):
+                continue  # LLM.int8 was asked for
+            module.forward = types.MethodType(_lora_forward, module)
+            counts["lora"] += 1
+        elif kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rmsnorm_forward, module)
+            counts["rmsnorm"] += 1
+        elif kind.endswith("Attention") and (forward := _with_fused_rotary(type(module).forward)) is not None:
+            module.forward = types.MethodType(forward, module)
+            counts["rotary"] += 1
+        elif kind.endswith("MLP") and _is_silu(getattr(module, "act_fn", None)):
+            module.forward = types.MethodType(_mlp_forward, module)
+            module.down_proj._medqa_base_last = True  # the last matmul of a decoder layer
+            counts["mlp"] += 1
+    return counts
