@@ -25,7 +25,8 @@ import sys
 import torch
 
 from bench import code_digest  # benchmarks/ is on sys.path when this file runs as a script
-from medqa_loop import dropout, quant
+from medqa_loop.kernels import ops
+from medqa_loop.kernels.reference import dropout_args
 
 
 def gpu_ms(fn, reps: int = 20) -> float:
@@ -73,15 +74,15 @@ def launch_overheads() -> list[dict]:
     leaf = torch.randn(16, 256, device="cuda", requires_grad=True)
     cb = torch.randint(-127, 128, (256, 256), device="cuda", dtype=torch.int8)
     scb = torch.rand(256, device="cuda") + 0.5
-    drop = dropout.dropout_args(0.1, 12345, x.numel())
+    drop = dropout_args(0.1, 12345, x.numel())
     cases = {
         "torch.empty_like": lambda: torch.empty_like(x),
         "x + x": lambda: x + x,
         "x.to(float32)": lambda: x.float(),
         "x @ w": lambda: x @ w,
         "F.linear(x, w)": lambda: torch.nn.functional.linear(x, w),
-        "Triton dropped": lambda: dropout.dropped(x, drop),
-        "Triton dequantize": lambda: quant.dequantize(cb, scb, torch.bfloat16),
+        "Triton dropped": lambda: ops.dropped(x, drop),
+        "Triton dequantize": lambda: ops.dequantize(cb, scb, torch.bfloat16),
         "autograd.Function apply (no grad needed)": lambda: Identity.apply(x),
         "autograd.Function apply (recording)": lambda: Identity.apply(leaf),
     }
@@ -117,48 +118,48 @@ def main() -> None:
     for width in (4096, 14336):
         x = torch.randn(t, width, device="cuda", generator=gen).to(bf16)
         y = torch.randn_like(x)
-        drop = dropout.dropout_args(0.1, 2**40 + 7, x.numel())
+        drop = dropout_args(0.1, 2**40 + 7, x.numel())
         n = x.numel()
-        report(f"dropped [{t},{width}] (hash mask, Triton)", lambda: dropout.dropped(x, drop), 4 * n)
+        report(f"dropped [{t},{width}] (hash mask, Triton)", lambda: ops.dropped(x, drop), 4 * n)
         report(f"eager bernoulli mask * x [{t},{width}] (before)",
                lambda: x * torch.empty_like(x).bernoulli_(0.9), 4 * n)
         report(f"copy [{t},{width}] (bandwidth reference)", lambda: x.clone(), 4 * n)
         lora_a = torch.randn(16, width, device="cuda", generator=gen) * 0.02  # fp32, r = 16
         g = torch.randn(t, 16, device="cuda", generator=gen).to(bf16)
         report(f"dropped_linear [{t},{width}] x A^T r16 (Triton, mask in the matmul)",
-               lambda: dropout.dropped_linear(x, lora_a, drop, 1 / 0.9), 2 * n)
+               lambda: ops.dropped_linear(x, lora_a, drop, 1 / 0.9), 2 * n)
         report(f"dropped + linear + scale [{t},{width}] r16 (before)",
-               lambda: torch.nn.functional.linear(dropout.dropped(x, drop), lora_a.to(bf16)).mul_(1 / 0.9), 6 * n)
-        report(f"dropped_grad g^T dropped(x) [{t},{width}] r16 (Triton)", lambda: dropout.dropped_grad(g, x, drop), 2 * n)
-        report(f"g^T dropped(x) [{t},{width}] r16 (before)", lambda: g.t() @ dropout.dropped(x, drop), 6 * n)
+               lambda: torch.nn.functional.linear(ops.dropped(x, drop), lora_a.to(bf16)).mul_(1 / 0.9), 6 * n)
+        report(f"dropped_grad g^T dropped(x) [{t},{width}] r16 (Triton)", lambda: ops.dropped_grad(g, x, drop), 2 * n)
+        report(f"g^T dropped(x) [{t},{width}] r16 (before)", lambda: g.t() @ ops.dropped(x, drop), 6 * n)
         a16 = lora_a.to(bf16)
         report(f"dropped_product dropped(g A) [{t},{width}] r16 (Triton, mask as it writes)",
-               lambda: dropout.dropped_product(g, lora_a, drop), 2 * n)
-        report(f"g A, then dropped [{t},{width}] r16 (before)", lambda: dropout.dropped(g @ a16, drop), 6 * n)
+               lambda: ops.dropped_product(g, lora_a, drop), 2 * n)
+        report(f"g A, then dropped [{t},{width}] r16 (before)", lambda: ops.dropped(g @ a16, drop), 6 * n)
         # x's gradient through a frozen [width, width] weight: its LoRA part first, the frozen
         # matmul added in the GEMM's epilogue (now), against a separate masked add (before).
         w16, gy = torch.randn(width, width, device="cuda", generator=gen).to(bf16), y
         report(f"x grad: dropped_product, then addmm_(g_y, W) [{t}x{width}x{width}] (now)",
-               lambda: dropout.dropped_product(g, lora_a, drop).addmm_(gy, w16), 4 * n + 2 * w16.numel())
+               lambda: ops.dropped_product(g, lora_a, drop).addmm_(gy, w16), 4 * n + 2 * w16.numel())
         report(f"x grad: g_y W + dropped(g A) [{t}x{width}x{width}] (before)",
-               lambda: gy @ w16 + dropout.dropped(g @ a16, drop), 4 * n + 2 * w16.numel())
+               lambda: gy @ w16 + ops.dropped(g @ a16, drop), 4 * n + 2 * w16.numel())
     from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
 
-    from medqa_loop import fused
+    from medqa_loop.kernels.autograd import RotaryFn
 
     q = torch.randn(1, t, 32, 128, device="cuda", generator=gen).to(bf16).transpose(1, 2)
     k = torch.randn(1, t, 8, 128, device="cuda", generator=gen).to(bf16).transpose(1, 2)
     cos, sin = torch.randn(2, 1, t, 128, device="cuda", generator=gen).to(bf16)
     qk_bytes = 4 * (q.numel() + k.numel())
-    report(f"rotary q and k [{t} tokens, 32+8 heads] (Triton)", lambda: fused.RotaryFn.apply(q, k, cos, sin), qk_bytes)
+    report(f"rotary q and k [{t} tokens, 32+8 heads] (Triton)", lambda: RotaryFn.apply(q, k, cos, sin), qk_bytes)
     report(f"rotary q and k [{t} tokens, 32+8 heads] (transformers)", lambda: apply_rotary_pos_emb(q, k, cos, sin), qk_bytes)
     for out_f, in_f in ((4096, 4096), (14336, 4096), (4096, 14336)):
         cb = torch.randint(-127, 128, (out_f, in_f), device="cuda", generator=gen, dtype=torch.int8)
         scb = torch.rand(out_f, device="cuda", generator=gen) + 0.5
         x = torch.randn(t, in_f, device="cuda", generator=gen).to(bf16)
-        report(f"dequantize [{out_f},{in_f}] (Triton)", lambda: quant.dequantize(cb, scb, bf16), 3 * cb.numel())
+        report(f"dequantize [{out_f},{in_f}] (Triton)", lambda: ops.dequantize(cb, scb, bf16), 3 * cb.numel())
         report(f"int8_linear [{t}x{in_f}x{out_f}] (dequantize + matmul)",
-               lambda: torch.nn.functional.linear(x, quant.dequantize(cb, scb, bf16)), 3 * cb.numel() + 2 * x.numel() + 2 * t * out_f)
+               lambda: torch.nn.functional.linear(x, ops.dequantize(cb, scb, bf16)), 3 * cb.numel() + 2 * x.numel() + 2 * t * out_f)
         report(f"cast + matmul + output scale [{t}x{in_f}x{out_f}] (before)",
                lambda: torch.nn.functional.linear(x, cb.to(bf16)).mul_(scb / 127),
                3 * cb.numel() + 2 * x.numel() + 6 * t * out_f)

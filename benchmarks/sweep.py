@@ -1,6 +1,6 @@
 """Peak memory and samples/s against tokens per micro-batch, with and without activation
 checkpointing, for picking settings on a smaller GPU. One process loads the 7B base once (the
-same build_parts as the entry point) and runs real optimizer windows at each setting.
+same prepare_run as the entry point) and runs real optimizer windows at each setting.
 
   python benchmarks/sweep.py --out DIR [--workdir /tmp/bench | --base DIR --tokenizer DIR --data FILE]
       [--tokens 4096,8192,16384] [--tokens-nogc 1024,2048,3072,4096] [--set key=value ...]
@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from medqa_loop.batching import accumulation_windows, epoch_order, window_batches
 from medqa_loop.config import load_config
-from medqa_loop.data import accumulation_windows, epoch_order
-from medqa_loop.loop import backward_window, window_batches, window_counts
+from medqa_loop.debug.profiling import report
+from medqa_loop.loop import backward_window, window_counts
 from medqa_loop.model import enable_checkpointing
-from medqa_loop.profiling import report
-from medqa_loop.train import build_parts
+from medqa_loop.optim import optimizer_step
+from medqa_loop.train import prepare_run
 
 
 def set_checkpointing(model, on: bool) -> None:
@@ -47,7 +48,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", default="4096,8192,16384", help="row sizes with checkpointing")
     p.add_argument("--tokens-nogc", default="1024,2048,3072,4096", help="row sizes without")
-    p.add_argument("--set", nargs="*", default=[], help="config overrides, as for medqa_loop.train")
+    p.add_argument("--set", nargs="*", default=[], help="config overrides, as for medqa train")
     p.add_argument("--profile", type=int, default=0, help="profile one window at this row size")
     p.add_argument("--profile-gc", action="store_true", help="... with activation checkpointing")
     p.add_argument("--trace", help="write the profiled window's Chrome trace here (.json.gz)")
@@ -59,11 +60,11 @@ def main() -> None:
         from bench import prepare  # benchmarks/ is on sys.path when this file runs as a script
 
         a.base, a.tokenizer, a.data = prepare(Path(a.workdir), 470, 0.45)
-    cfg = load_config("configs/recipe.yaml", [
+    cfg = load_config("recipe", [
         f"output_dir={out / 'sweep-run'}", f"model.name_or_path={a.base}", f"model.tokenizer={a.tokenizer}",
         f"data.dataset={a.data}", "data.pack_tokens=16384", *a.set,
     ])
-    parts = build_parts(cfg, overwrite=True)
+    parts = prepare_run(cfg, overwrite=True)
     model = parts.model
     model.train()  # from_pretrained returns eval mode, where HF skips activation checkpointing
     lengths = [len(e["input_ids"]) for e in parts.train_examples]
@@ -112,9 +113,7 @@ def optimizer_window(parts, cfg, window) -> tuple[float, float, torch.Tensor, in
     batches = window_batches(window, parts.train_examples, cfg, parts.collate_fn, acc.device)
     counts = window_counts(acc, batches)
     backward_window(acc, model, batches, counts[0])
-    acc.clip_grad_norm_([q for q in model.parameters() if q.requires_grad], cfg.train.max_grad_norm)
-    parts.optimizer.step()
-    parts.optimizer.zero_grad(set_to_none=True)
+    optimizer_step(acc, parts.optimizer, [q for q in model.parameters() if q.requires_grad], cfg.train.max_grad_norm)
     launched = time.perf_counter() - t0
     torch.cuda.synchronize()
     return time.perf_counter() - t0, launched, counts, len(batches)
