@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,54 @@ from torch.utils._python_dispatch import TorchDispatchMode
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its files (README, accelerate configs), never its package
+# The tests' own modules that a config or a subprocess names by import path (user_plugins) or runs
+# (inject_fault): on sys.path here, and the only PYTHONPATH a subprocess gets.
+SUPPORT = Path(__file__).resolve().parent / "support"
+if str(SUPPORT) not in sys.path:
+    sys.path.insert(0, str(SUPPORT))
+
+# The shipped preset, by name: what runs is the installed package's configs/tiny.yaml.
+TINY = "tiny"
+
+
+def pytest_report_header(config):
+    import medqa_loop
+
+    return f"medqa_loop {medqa_loop.__version__} imported from {medqa_loop.__file__}"
+
+
+def pytest_sessionstart(session):
+    """CI installs the wheel and sets MEDQA_TEST_INSTALLED=1: the tests must then run that package,
+    not the checkout's folder (which is what `python -m pytest` from the checkout would import)."""
+    import medqa_loop
+
+    where = Path(medqa_loop.__file__).resolve()
+    if os.environ.get("MEDQA_TEST_INSTALLED") == "1" and ROOT in where.parents:
+        pytest.exit(
+            f"MEDQA_TEST_INSTALLED=1 but medqa_loop was imported from the checkout ({where}), not "
+            "from the installed package: run `pytest` (not `python -m pytest`, which puts the "
+            "current directory first on sys.path) with the wheel installed",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def subprocess_env(helpers: bool = False, **extra: str) -> dict:
+    """The environment of a subprocess that runs the installed package: no PYTHONPATH, or only the
+    tests' helper modules (tests/support) when ``helpers``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if helpers:
+        env["PYTHONPATH"] = str(SUPPORT)
+    return {**env, **extra}
 
 
 def rel(a, b) -> float:
@@ -42,7 +89,7 @@ class OpLog(TorchDispatchMode):
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    """The embedded default config writing into a fresh temporary run directory."""
+    """The shipped tiny preset writing into a fresh temporary run directory."""
     from medqa_loop.config import load_config
 
     def make(*overrides: str):
@@ -76,20 +123,43 @@ def trained_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def traced_run(tmp_path_factory):
+    """Two traced steps (dropout on), snapshots before both, a recording hook at step 2, a clip
+    threshold low enough that both steps are clipped: shared by the trace, replay and plot tests.
+    Returns (cfg, run dir, what the run printed, the hook's calls)."""
+    import contextlib
+    import io
+
+    import user_plugins
+    from medqa_loop.config import load_config
+    from medqa_loop.train import run
+
+    out = tmp_path_factory.mktemp("traced") / "run"
+    cfg = load_config(TINY, [
+        f"output_dir={out}", "data.batching=pad", "train.max_steps=2", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
+        "train.max_grad_norm=0.1", "debug.enabled=true", "debug.snapshot_steps=[1, 2]",
+        "debug.pause_at=[2]", "debug.hooks=[user_plugins:record]",
+    ])
+    user_plugins.CALLS.clear()
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        run(cfg)
+    return cfg, out, stdout.getvalue(), list(user_plugins.CALLS)
+
+
+@pytest.fixture(scope="session")
 def lora_parts(tmp_path_factory):
-    """(cfg, parts) of the tiny config with LoRA dropout off and LoRA B filled with seeded
+    """(cfg, prepared run) of the tiny config with LoRA dropout off and LoRA B filled with seeded
     N(0, 0.02), so every LoRA gradient is non-zero and repeatable: for gradient comparisons.
     Built once per session; tests must leave its weights as they found them."""
-    import torch
-
     from medqa_loop.config import load_config
-    from medqa_loop.train import build_parts
+    from medqa_loop.train import prepare_run
 
     # bitsandbytes' LLM.int8 matmul (the path with per-batch outlier columns) and padded batches:
     # what the gradient-debugging and self-test comparisons examine.
     cfg = load_config(TINY, [f"output_dir={tmp_path_factory.mktemp('parts') / 'run'}", "lora.dropout=0.0",
                              "model.int8_matmul=bnb", "data.batching=pad"])
-    parts = build_parts(cfg)
+    parts = prepare_run(cfg)
     parts.model.train()  # from_pretrained leaves the base in eval mode; the loop trains in train mode
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

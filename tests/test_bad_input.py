@@ -7,18 +7,9 @@ import math
 import pytest
 import torch
 
+from medqa_loop.batching import accumulation_windows, steps_per_epoch
 from medqa_loop.config import ConfigError, DataConfig, load_config
-from medqa_loop.data import (
-    DataError,
-    Encoded,
-    Pairs,
-    accumulation_windows,
-    encode_pairs,
-    load_pairs,
-    split_pairs,
-    steps_per_epoch,
-    summarize_data,
-)
+from medqa_loop.data import DataError, Encoded, Pairs, encode_pairs, load_pairs, split_pairs, summarize_data
 from medqa_loop.masking import MASKS
 from medqa_loop.train import main
 
@@ -124,9 +115,9 @@ def test_tiny_dataset_with_bad_rows_skipped_trains_and_reports_them(tiny_cfg, tm
 
 def test_an_all_masked_micro_batch_adds_nothing_and_an_all_masked_window_is_zero_not_nan(tiny_cfg):
     from medqa_loop.loop import backward_window, window_counts
-    from medqa_loop.train import build_parts
+    from medqa_loop.train import prepare_run
 
-    parts = build_parts(tiny_cfg("lora.dropout=0.0", "data.max_rows=8", "data.max_length=48"))
+    parts = prepare_run(tiny_cfg("lora.dropout=0.0", "data.max_rows=8", "data.max_length=48"))
     with torch.no_grad():  # LoRA B starts at 0; give it values so every gradient is non-trivial
         for n, p in parts.model.named_parameters():
             if "lora_B" in n:

@@ -1,12 +1,14 @@
-"""Packing: a packed row's per-pair losses equal the pairs' losses alone; pairs don't interact."""
+"""Batching (medqa_loop.batching): the epoch order and accumulation windows, how a window's pairs
+become micro-batches, and packing: a packed row's per-pair losses equal the pairs' losses alone;
+pairs don't interact."""
 
 import pytest
 import torch
 
-from medqa_loop.data import arrange_window, collate
+from medqa_loop.batching import accumulation_windows, arrange_window, collate, epoch_order, run_steps, steps_per_epoch
 from medqa_loop.losses import token_losses
 from medqa_loop.model import model_logits
-from medqa_loop.train import build_parts
+from medqa_loop.train import prepare_run
 
 
 def per_pair_losses(model, batch, sizes):
@@ -32,9 +34,9 @@ def alone(model, ex):
 @pytest.mark.parametrize("attn", ["varlen", "sdpa"])
 @pytest.mark.parametrize("overrides", [["model.load_in_8bit=false"], []], ids=["float", "int8"])
 def test_packed_row_equals_pairs_alone_and_pairs_do_not_interact(tiny_cfg, overrides, attn, monkeypatch):
-    import medqa_loop.attention as A
+    import medqa_loop.kernels.attention as A
 
-    parts = build_parts(tiny_cfg("data.mask=full_sequence", f"model.attn_implementation={attn}", *overrides))
+    parts = prepare_run(tiny_cfg("data.mask=full_sequence", f"model.attn_implementation={attn}", *overrides))
     model = parts.model.eval()
     assert model.config._attn_implementation == attn
     # Count the packed forwards that run attention one pair at a time (varlen on CPU).
@@ -89,19 +91,26 @@ def test_arrange_window_keeps_the_pairs_and_respects_the_budget():
     assert len(rows) == 2  # 3,860 tokens: first-fit decreasing needs the minimum, 2 rows
 
 
-def test_chunked_cross_entropy_matches_the_plain_one(monkeypatch):
-    import medqa_loop.losses as L
+def test_windows_cover_each_pair_once_and_shard_like_one_big_window():
+    order = epoch_order(37, seed=1, epoch=0)
+    assert sorted(order) == list(range(37)) and order != epoch_order(37, seed=1, epoch=1)
+    one = accumulation_windows(order, micro_batch=2, grad_accum=4)
+    assert len(one) == steps_per_epoch(37, 2, 4) == 5
+    assert sorted(i for w in one for mb in w for i in mb) == list(range(37))
+    # 2 processes x GA 2 see, per window, exactly the pairs of 1 process x GA 4.
+    ranks = [accumulation_windows(order, 2, 2, rank=r, world=2) for r in (0, 1)]
+    assert len(ranks[0]) == steps_per_epoch(37, 2, 2, world=2) == 5
+    for w, (w0, w1) in enumerate(zip(*ranks)):
+        assert sorted(i for mb in w0 + w1 for i in mb) == sorted(i for mb in one[w] for i in mb)
 
-    torch.manual_seed(0)
-    logits = torch.randn(2, 11, 50, dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.randint(0, 50, (2, 11))
-    labels[0, :4] = -100
-    weights = (labels != -100).float()
-    ref = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    (ref_grad,) = torch.autograd.grad(ref, logits)
-    monkeypatch.setattr(L, "CE_CHUNK", 3)  # 20 positions -> 7 chunks, the last one short
-    got = L.weighted_loss_sum(logits, labels, weights)
-    (grad,) = torch.autograd.grad(got, logits)
-    assert torch.allclose(got, ref, rtol=1e-6) and torch.allclose(grad.float(), ref_grad.float(), rtol=1e-2, atol=1e-4)
+
+def test_run_steps_counts_every_epochs_windows_or_stops_at_max_steps():
+    from medqa_loop.config import TrainConfig
+
+    t = TrainConfig(epochs=3, micro_batch_size=2, grad_accum_steps=4)
+    # 96 pairs: 48 micro-batches, 12 windows an epoch (the tiny preset's run: 36 steps).
+    assert run_steps(96, t) == 3 * steps_per_epoch(96, 2, 4) == 36
+    assert run_steps(96, t, world=2) == 3 * 6  # windows of 4 micro-batches on each of 2 processes
+    assert run_steps(97, t) == 3 * 13  # a short last window is a step too
+    assert run_steps(96, TrainConfig(epochs=3, micro_batch_size=2, grad_accum_steps=4, max_steps=5)) == 5
+    assert run_steps(96, TrainConfig(epochs=3, micro_batch_size=2, grad_accum_steps=4, max_steps=100)) == 36

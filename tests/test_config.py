@@ -17,7 +17,7 @@ def test_default_is_the_original_recipe():
     t = cfg.train
     assert (t.micro_batch_size, t.grad_accum_steps, t.lr, t.weight_decay) == (1, 16, 1e-4, 0.01)
     assert (t.warmup_steps, t.max_grad_norm, t.eval_every, t.epochs) == (100, 0.3, 50, 3)
-    assert load_config("configs/recipe.yaml").to_dict() | {"output_dir": None} == (
+    assert load_config("recipe").to_dict() | {"output_dir": None} == (
         Config().to_dict() | {"output_dir": None}
     )
 
@@ -81,3 +81,20 @@ def test_bad_config_fails_before_any_model_load(monkeypatch, capsys, tmp_path):
         main(["--config", str(TINY), "--set", f"output_dir={tmp_path}", "--set", "model.load_in_7Bit=true"])
     assert exit_.value.code == 2
     assert "model.load_in_7Bit" in capsys.readouterr().err
+
+
+def test_presets_ship_with_the_package_and_load_by_name():
+    from pathlib import Path
+
+    import medqa_loop
+    from medqa_loop.config import presets
+
+    shipped = presets()
+    assert {"recipe", "tiny"} <= shipped.keys()
+    package = Path(medqa_loop.__file__).parent
+    assert all(package in path.parents and path.is_file() for path in shipped.values())  # package data
+    tiny = load_config("tiny")
+    assert tiny.model.random_init["hidden_size"] == 128 and tiny.data.dataset == "embedded:sample_medqa"
+    assert load_config("tiny").to_dict() == load_config(shipped["tiny"]).to_dict()  # name == its file
+    with pytest.raises(ConfigError, match=r"config file not found: tinyy \(and no shipped preset.*recipe.*tiny"):
+        load_config("tinyy")

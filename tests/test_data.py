@@ -5,18 +5,9 @@ import json
 import pytest
 import torch
 
+from medqa_loop.batching import collate
 from medqa_loop.config import DataConfig
-from medqa_loop.data import (
-    DataError,
-    Pairs,
-    accumulation_windows,
-    collate,
-    encode_pairs,
-    epoch_order,
-    load_pairs,
-    split_pairs,
-    steps_per_epoch,
-)
+from medqa_loop.data import DataError, Pairs, encode_pairs, load_pairs, split_pairs
 from medqa_loop.masking import MASKS, completion_only, full_sequence
 
 CFG = DataConfig(dataset="embedded:sample_medqa")
@@ -128,19 +119,6 @@ def test_parquet_and_saved_datasets_directory_load(tmp_path):
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "saved"))
     for spec in (tmp_path / "d.parquet", tmp_path / "saved"):
         assert load_pairs(DataConfig(dataset=str(spec))).questions == ["q1?", "q2?"]
-
-
-def test_windows_cover_each_pair_once_and_shard_like_one_big_window():
-    order = epoch_order(37, seed=1, epoch=0)
-    assert sorted(order) == list(range(37)) and order != epoch_order(37, seed=1, epoch=1)
-    one = accumulation_windows(order, micro_batch=2, grad_accum=4)
-    assert len(one) == steps_per_epoch(37, 2, 4) == 5
-    assert sorted(i for w in one for mb in w for i in mb) == list(range(37))
-    # 2 processes x GA 2 see, per window, exactly the pairs of 1 process x GA 4.
-    ranks = [accumulation_windows(order, 2, 2, rank=r, world=2) for r in (0, 1)]
-    assert len(ranks[0]) == steps_per_epoch(37, 2, 2, world=2) == 5
-    for w, (w0, w1) in enumerate(zip(*ranks)):
-        assert sorted(i for mb in w0 + w1 for i in mb) == sorted(i for mb in one[w] for i in mb)
 
 
 def test_builtin_masks():

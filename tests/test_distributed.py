@@ -1,6 +1,5 @@
 """Data parallel: two CPU processes over gloo make the same run as one with twice the accumulation."""
 
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -10,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medqa_loop.data import accumulation_windows, epoch_order
-from medqa_loop.distributed import LaunchError, check_processes, zero_weight_batch
+from medqa_loop.batching import accumulation_windows, epoch_order, zero_weight_batch
+from medqa_loop.distributed import LaunchError, check_processes
 from medqa_loop.losses import weighted_loss_sum
 from medqa_loop.metrics import read_metrics
-from medqa_loop.train import build_parts, run
+from medqa_loop.train import prepare_run, run
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, subprocess_env
 
 # 42 rows -> 33 train pairs -> 17 micro-batches of 2. Windows of 4 x 2 processes = 8 micro-batches:
 # the last window of each epoch holds one, so rank 1 has nothing in it. Step 4 is in epoch 2.
@@ -28,8 +27,9 @@ SHARED = [
 ]
 
 
-def launch_two_cpu_processes(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    """The shipped multi-GPU accelerate config, on CPUs (gloo) through ACCELERATE_USE_CPU=1.
+def launch_two_cpu_processes(*args: str, cwd, timeout: int = 400) -> subprocess.CompletedProcess:
+    """The shipped multi-GPU accelerate config, on CPUs (gloo) through ACCELERATE_USE_CPU=1, with
+    the installed package run from ``cwd`` (outside the checkout).
 
     Processes whose collectives get out of step wait forever: past ``timeout`` the launcher and
     its workers (torchrun starts each in a session of its own) are killed and the test fails.
@@ -39,8 +39,8 @@ def launch_two_cpu_processes(*args: str, timeout: int = 400) -> subprocess.Compl
         "--config_file", str(ROOT / "accelerate_config_multi_gpu.yaml"), "-m", "medqa_loop.train", *args,
     ]
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "ACCELERATE_USE_CPU": "1"},
+        cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=subprocess_env(ACCELERATE_USE_CPU="1"),
     )
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -74,7 +74,7 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_cfg, tmp_
 
     ddp_dir = tmp_path / "ddp"
     overrides = [f"output_dir={ddp_dir}", *SHARED]
-    proc = launch_two_cpu_processes("--config", str(TINY), *(a for o in overrides for a in ("--set", o)))
+    proc = launch_two_cpu_processes("--config", TINY, *(a for o in overrides for a in ("--set", o)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes: 2 (MULTI_CPU, gloo)" in proc.stdout and "33 train / 9 validation" in proc.stdout
     assert proc.stdout.count("done:") == 1 and proc.stderr.count(" 0/4 [") == 1  # main prints, one bar
@@ -102,7 +102,7 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_cfg, tmp_
 
 def test_zero_weight_batch_reaches_every_lora_matrix_with_zero_gradient(tiny_cfg):
     """What lets an empty rank join DDP's all-reduce without changing the update."""
-    parts = build_parts(tiny_cfg())
+    parts = prepare_run(tiny_cfg())
     with torch.no_grad():  # LoRA B starts at 0; make every gradient path non-trivial
         for n, p in parts.model.named_parameters():
             if "lora_B" in n:

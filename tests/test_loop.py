@@ -1,18 +1,19 @@
 """The loop on the tiny random-init Mistral, 8-bit through bitsandbytes on the CPU: real code paths."""
 
 import math
+import os
 
 import pytest
 import torch
 
-from medqa_loop.checkpoint import save_adapter
+import medqa_loop.loop as loop
 from medqa_loop.evaluation import evaluate
-from medqa_loop.fused import use_fused_ops
-from medqa_loop.loop import backward_window, train, window_counts
-from medqa_loop.model import model_logits
+from medqa_loop.kernels.patch import use_fused_ops
+from medqa_loop.loop import Hooks, backward_window, train, window_counts
 from medqa_loop.metrics import MetricsLog, read_metrics
-from medqa_loop.model import is_int8_linear, load_base
-from medqa_loop.train import build_parts, run
+from medqa_loop.model import is_int8_linear, load_base, model_logits
+from medqa_loop.optim import clip_gradients
+from medqa_loop.train import prepare_run, run
 
 
 def grads(model):
@@ -33,7 +34,7 @@ def rel_diff(a, b):
 
 
 def test_base_is_int8_bitsandbytes_and_only_lora_trains(tiny_cfg):
-    parts = build_parts(tiny_cfg())
+    parts = prepare_run(tiny_cfg())
     m = parts.model
     targets = [mod for name, mod in m.named_modules() if name.endswith(("q_proj", "down_proj")) and hasattr(mod, "base_layer")]
     assert len(targets) == 4  # 2 layers x (q_proj, down_proj)
@@ -60,7 +61,7 @@ def test_base_is_int8_bitsandbytes_and_only_lora_trains(tiny_cfg):
 )
 def test_grad_accumulation_equals_one_big_batch(tiny_cfg, overrides, tol):
     """GA 16 x batch 1 == 1 x batch 16: the window loss is a token-level mean over the window."""
-    parts = build_parts(tiny_cfg("lora.dropout=0.0", *overrides))
+    parts = prepare_run(tiny_cfg("lora.dropout=0.0", *overrides))
     with torch.no_grad():  # LoRA B starts at 0; give it values so every gradient is non-trivial
         for n, p in parts.model.named_parameters():
             if "lora_B" in n:
@@ -78,29 +79,30 @@ def test_grad_accumulation_equals_one_big_batch(tiny_cfg, overrides, tol):
 
 
 def test_clipping_bounds_the_norm_and_logs_the_preclip_value(tiny_cfg):
-    parts = build_parts(tiny_cfg("train.max_grad_norm=0.01"))
+    parts = prepare_run(tiny_cfg("train.max_grad_norm=0.01"))
     window_grad(parts, [[0, 1], [2, 3]])
     params = [p for p in parts.model.parameters() if p.requires_grad]
     before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
-    returned = parts.accelerator.clip_grad_norm_(params, 0.01)
+    returned = clip_gradients(parts.accelerator, params, 0.01)  # what the loop's optimizer_step clips with
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
     assert before > 0.01 and float(returned) == pytest.approx(float(before))
     assert float(after) == pytest.approx(0.01, rel=1e-4)
 
 
-def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg):
-    """One epoch of the real loop; the saved epoch adapter reloads through plain PEFT."""
+def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg, monkeypatch):
+    """One epoch of the real loop; the epoch adapter the loop saved reloads through plain PEFT."""
     from peft import PeftModel
 
     cfg = tiny_cfg("train.epochs=1", "train.sanity_eval_batches=6", "train.eval_every=5")
-    parts = build_parts(cfg)
-    saved = []
-    last = train(
-        cfg, parts.accelerator, parts.model, parts.optimizer, parts.train_examples,
-        parts.val_examples, parts.collate_fn,
-        lambda name: saved.append(save_adapter(parts.accelerator, parts.model, parts.out / name)),
-        MetricsLog(parts.out / "metrics.jsonl"),
-    )
+    parts = prepare_run(cfg)
+    saved, save_adapter = [], loop.save_adapter
+
+    def recording_save(accelerator, model, out_dir, tokenizer=None):  # the loop saves its adapters itself
+        saved.append(save_adapter(accelerator, model, out_dir, tokenizer))
+        return saved[-1]
+
+    monkeypatch.setattr(loop, "save_adapter", recording_save)
+    last = train(cfg, parts, Hooks(log=MetricsLog(parts.out / "metrics.jsonl")))
     evals = [r for r in read_metrics(parts.out / "metrics.jsonl") if "eval_loss" in r]
     steps = [r for r in read_metrics(parts.out / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in evals] == [0, 5, 10, 12]  # sanity, every 5, epoch end
@@ -108,7 +110,7 @@ def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg):
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5  # whole val split both times
     assert evals[-1]["eval_ppl"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
     assert 0.0 <= evals[0]["eval_token_acc"] < evals[-1]["eval_token_acc"] <= 1.0  # it learnt tokens
-    assert [p.name for p in saved] == ["epoch-1", "final"]
+    assert saved == [parts.out / "epoch-1", parts.out / "final"]
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in saved[0].iterdir()}
 
     # The base as a user loads it (same int8 compute path), the adapter through plain PEFT.
@@ -139,6 +141,4 @@ def test_max_steps_stops_mid_epoch_and_saves_final(tiny_cfg):
         if "loss" in r:
             assert {"step", "epoch", "loss", "lr", "grad_norm", "target_tokens"} <= r.keys()
             assert r["target_tokens"] > 0 and r["epoch"] < 1
-    import os
-
     assert sorted(os.listdir(out)) == ["base", "config.yaml", "final", "metrics.jsonl", "samples.jsonl", "state"]

@@ -1,4 +1,4 @@
-"""Token accuracy as a pure function of logits, labels and weights (no model)."""
+"""Token losses and accuracy as pure functions of logits, labels and weights (no model)."""
 
 import torch
 
@@ -38,3 +38,21 @@ def test_token_accuracy_sums_over_the_batch_and_ignores_padding():
     logits = one_hot_logits([[3, 3, 0], [3, 0, 3]])  # row 2 is wrong only where its label is padding
     correct, counted = token_accuracy_counts(logits, labels, weights)
     assert (int(correct), int(counted)) == (3, 3)
+
+
+def test_chunked_cross_entropy_matches_the_plain_one(monkeypatch):
+    import medqa_loop.losses as L
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 11, 50, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 11))
+    labels[0, :4] = -100
+    weights = (labels != -100).float()
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    monkeypatch.setattr(L, "CE_CHUNK", 3)  # 20 positions -> 7 chunks, the last one short
+    got = L.weighted_loss_sum(logits, labels, weights)
+    (grad,) = torch.autograd.grad(got, logits)
+    assert torch.allclose(got, ref, rtol=1e-6) and torch.allclose(grad.float(), ref_grad.float(), rtol=1e-2, atol=1e-4)

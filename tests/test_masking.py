@@ -8,14 +8,15 @@ import re
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, TINY
+from medqa_loop.batching import accumulation_windows, collate, epoch_order
 from medqa_loop.config import DataConfig, load_config
-from medqa_loop.data import accumulation_windows, collate, encode_pairs, epoch_order, load_pairs, split_pairs
-from medqa_loop.loop import backward_window, train, window_counts
+from medqa_loop.data import encode_pairs, load_pairs, split_pairs
+from medqa_loop.loop import Hooks, backward_window, train, window_counts
 from medqa_loop.losses import token_losses
 from medqa_loop.masking import MASKS, PROMPT_WEIGHT, resolve_mask
 from medqa_loop.metrics import MetricsLog, read_metrics
-from medqa_loop.train import build_parts
+from medqa_loop.train import prepare_run
 from test_loop import grads, rel_diff, window_grad
 
 BUILTINS = {"completion_only", "full_sequence", "prompt_weighted"}
@@ -65,7 +66,7 @@ def test_custom_mask_by_import_path_changes_the_gradient_as_expected(lora_parts)
     """``user_plugins:even_rows_only`` (selected through the config) drops odd rows: the window's
     gradient is exactly that of its even rows alone under completion_only, and not that of all."""
     cfg, parts = lora_parts
-    custom = load_config(ROOT / "configs" / "tiny.yaml", ["data.mask=user_plugins:even_rows_only"])
+    custom = load_config(TINY, ["data.mask=user_plugins:even_rows_only"])
     with_mask = dataclasses.replace(parts, train_examples=encoded(custom, parts.tokenizer, custom.data.mask))
     (e1, e2), (o1, o2) = short_examples(parts.train_examples, 0), short_examples(parts.train_examples, 1)
     got = window_grad(with_mask, [[e1, o1], [o2, e2]])
@@ -124,7 +125,7 @@ def test_readme_mask_example_runs_through_the_real_loop(tiny_cfg, tmp_path, monk
     monkeypatch.syspath_prepend(str(tmp_path))
     name = re.search(r"def (\w+)\(", code).group(1)
     cfg = tiny_cfg(f"data.mask=readme_masks:{name}", "data.batching=pad", "lora.dropout=0.0", "train.max_steps=1", "train.sanity_eval_batches=0")
-    parts = build_parts(cfg)
+    parts = prepare_run(cfg)
 
     t = cfg.train
     window = accumulation_windows(epoch_order(len(parts.train_examples), cfg.seed, 0), t.micro_batch_size, t.grad_accum_steps)[0]
@@ -146,8 +147,7 @@ def test_readme_mask_example_runs_through_the_real_loop(tiny_cfg, tmp_path, monk
             plain += float(losses.sum())
             tokens += float((batch["labels"][:, 1:] != -100).sum())
 
-    train(cfg, parts.accelerator, parts.model, parts.optimizer, parts.train_examples, parts.val_examples,
-          parts.collate_fn, lambda name: None, MetricsLog(parts.out / "metrics.jsonl"))
+    train(cfg, parts, Hooks(log=MetricsLog(parts.out / "metrics.jsonl")))
     logged = [r for r in read_metrics(parts.out / "metrics.jsonl") if "loss" in r]
     assert len(logged) == 1 and math.isfinite(logged[0]["loss"])
     assert logged[0]["loss"] == pytest.approx(weighted / weight_sum, rel=1e-6)

@@ -1,7 +1,14 @@
+"""The update (medqa_loop.optim): lr schedule, AdamW's groups, the clip rule and the optimizer
+step the loop, replay and the benchmarks share, and the schedule warnings."""
+
+import math
+
 import pytest
 import torch
 
-from medqa_loop.optim import build_optimizer, lr_at
+from medqa_loop.optim import (
+    build_optimizer, clip_coef, clip_limit, lr_at, optimizer_step, schedule_warnings, set_lr,
+)
 
 
 def test_linear_warmup_then_linear_decay():
@@ -33,3 +40,54 @@ def test_adamw_decays_matrices_only_and_skips_frozen():
     assert plain == [model[0].bias, model[1].weight, model[1].bias]  # the frozen layer is out
     with pytest.raises(ValueError, match="no trainable"):
         build_optimizer(torch.nn.Linear(2, 2).requires_grad_(False), 1e-3, 0.0)
+
+
+def test_clip_limit_and_coef_read_zero_as_no_clipping():
+    assert clip_limit(0) == math.inf and clip_limit(0.0) == math.inf
+    assert clip_limit(0.3) == 0.3
+    assert clip_coef(10.0, 0.0) == 1.0  # max_grad_norm 0: never scaled, however large the norm
+    assert clip_coef(10.0, 1.0) == pytest.approx(1.0 / (10.0 + 1e-6))  # torch's formula
+    assert clip_coef(0.5, 1.0) == 1.0
+
+
+def sgd_with_gradient(grad_norm: float):
+    """A 2x3 weight under plain SGD at lr 1 (the update is then minus the clipped gradient) with a
+    gradient of the given norm."""
+    w = torch.nn.Parameter(torch.ones(2, 3))
+    g = torch.arange(1.0, 7.0).view(2, 3)
+    w.grad = g * (grad_norm / g.norm())
+    return w, w.grad.clone(), torch.optim.SGD([w], lr=1.0)
+
+
+@pytest.mark.parametrize("max_grad_norm, applied", [(0.5, 0.5), (0.0, 4.0), (10.0, 4.0)])
+def test_optimizer_step_clips_steps_and_drops_the_gradients(max_grad_norm, applied):
+    """max_grad_norm 0.5 clips the norm-4 gradient to 0.5; 0 (no clipping) and a limit above the
+    norm apply it whole. Either way the pre-clip norm is returned and the gradients are dropped."""
+    from accelerate import Accelerator
+
+    w, grad, opt = sgd_with_gradient(4.0)
+    before = w.detach().clone()
+    returned = optimizer_step(Accelerator(), opt, [w], max_grad_norm)
+    assert float(returned) == pytest.approx(4.0, rel=1e-6)  # the pre-clip norm
+    update = before - w.detach()
+    assert float(update.norm()) == pytest.approx(applied, rel=1e-5)
+    assert torch.allclose(update, grad * (applied / 4.0), rtol=1e-5)  # the direction is the gradient's
+    assert w.grad is None  # zero_grad(set_to_none=True)
+
+
+def test_set_lr_sets_every_group():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.01)
+    assert len(opt.param_groups) == 2
+    set_lr(opt, 0.25)
+    assert [g["lr"] for g in opt.param_groups] == [0.25, 0.25]
+
+
+def test_schedule_warnings_thresholds():
+    from medqa_loop.config import TrainConfig
+
+    assert schedule_warnings(TrainConfig(), 651) == []  # the recipe: 100 warmup, eval every 50
+    assert any("never reaches" in w for w in schedule_warnings(TrainConfig(), 100))
+    assert any("31%" in w for w in schedule_warnings(TrainConfig(warmup_steps=200), 651))
+    evals = schedule_warnings(TrainConfig(warmup_steps=0, eval_every=50), 60)
+    assert len(evals) == 1 and "evaluates 1 time(s) in the run's 60 optimizer steps" in evals[0]

@@ -1,7 +1,7 @@
 """Training states and resume, by fault injection on the tiny CPU model.
 
-Runs are real ``python -m medqa_loop.train`` processes, killed by real signals
-(tests/inject_fault.py) and resumed with ``--resume``; a resumed run must end with an adapter
+Runs are real ``python -m medqa_loop.train`` (``medqa train``) processes of the installed package,
+killed by real signals (tests/support/inject_fault.py) and resumed with ``--resume``; a resumed run must end with an adapter
 *bitwise* equal to the one of a run that was never interrupted, and with the same metrics.
 
 The run: 16 training pairs cut to 48 tokens, micro-batch 2 x GA 2 = 4 steps per epoch, 2 epochs,
@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from medqa_loop.config import load_config
-from medqa_loop.state import (
+from medqa_loop.checkpoint.state import (
+    Position,
     StateError,
     check_config,
     check_examples,
@@ -29,25 +29,26 @@ from medqa_loop.state import (
     state_dirs,
     verify_state,
 )
+from medqa_loop.config import load_config
 from medqa_loop.train import main
 
-from conftest import ROOT, TINY
+from conftest import SUPPORT, TINY, subprocess_env
 
 # Padded micro-batches (not packed rows): the fault points count forwards, 2 per step.
 RUN = [
-    "--config", str(TINY), "--set", "data.batching=pad", "--set", "data.max_rows=20", "--set", "data.max_length=48",
+    "--config", TINY, "--set", "data.batching=pad", "--set", "data.max_rows=20", "--set", "data.max_length=48",
     "--set", "train.grad_accum_steps=2", "--set", "train.epochs=2", "--set", "train.save_every=3",
     "--set", "train.keep_states=2", "--set", "train.eval_every=100", "--set", "train.sanity_eval_batches=1",
 ]
 
 
 def train(out, *extra, fault=None):
-    """The entry point in a subprocess; ``fault`` = (SIGNAL, WHERE, N) for tests/inject_fault.py."""
-    entry = [str(ROOT / "tests" / "inject_fault.py"), *map(str, fault)] if fault else ["-m", "medqa_loop.train"]
+    """The entry point in a subprocess, run beside the run directory (outside the checkout);
+    ``fault`` = (SIGNAL, WHERE, N) for tests/support/inject_fault.py."""
+    entry = [str(SUPPORT / "inject_fault.py"), *map(str, fault)] if fault else ["-m", "medqa_loop.train"]
     return subprocess.run(
         [sys.executable, *entry, *RUN, "--set", f"output_dir={out}", *extra],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=out.parent, capture_output=True, text=True, timeout=600, env=subprocess_env(helpers=bool(fault)),
     )
 
 
@@ -144,7 +145,7 @@ def test_killed_again_and_again_then_resumed_is_bitwise_the_uninterrupted_run(re
 def test_sigint_finishes_the_window_saves_and_stops(tiny_cfg, monkeypatch):
     """Ctrl-C (a real SIGINT, in this process): the same clean stop, with the state to resume."""
     import medqa_loop.loop as loop
-    from medqa_loop.state import Interrupted
+    from medqa_loop.checkpoint.state import Interrupted
     from medqa_loop.train import run
 
     forward, calls = loop.forward_loss_sum, []
@@ -228,12 +229,12 @@ def test_restore_puts_back_weights_moments_and_rngs_and_catches_a_skipped_rng_lo
     from accelerate.utils import load
     from peft import get_peft_model_state_dict
 
-    from medqa_loop.state import Position, StateSaver
-    from medqa_loop.train import build_parts
+    from medqa_loop.checkpoint.state import StateSaver
+    from medqa_loop.train import prepare_run
 
     state = states / "state" / "step-6"
     cfg = load_config(reference / "config.yaml", [f"output_dir={states}"])
-    parts = build_parts(cfg, resume=str(state))
+    parts = prepare_run(cfg, resume=str(state))
     assert parts.start == Position(step=6, epoch=1, window=2)
     saved = load_file(state / "adapter_model.safetensors")
     live = get_peft_model_state_dict(parts.accelerator.unwrap_model(parts.model))
@@ -250,7 +251,7 @@ def test_restore_puts_back_weights_moments_and_rngs_and_catches_a_skipped_rng_lo
     (state / "manifest.json").unlink()
     StateSaver._write_manifest(state)
     with pytest.raises(StateError, match="step-6: its RNG states could not be restored"):
-        build_parts(cfg, resume=str(state))
+        prepare_run(cfg, resume=str(state))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,3 +324,30 @@ def test_resume_cli_rules_fail_before_any_model_load(reference, tmp_path, monkey
     # A run directory with no state to resume (killed before its first save) is not overwritten.
     err = refused("--set", f"output_dir={other}", "--resume", "auto")
     assert "holds another run" in err and (other / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# What the loop asks the saver after each step
+
+
+def test_position_after_a_step_moves_to_the_next_epoch_at_its_last_window():
+    assert Position.after(5, 1, 1, 4) == Position(step=5, epoch=1, window=1)
+    assert Position.after(8, 1, 4, 4) == Position(step=8, epoch=2, window=0)  # epoch 2 starts next
+    assert Position.after(1, 0, 1, 1) == Position(step=1, epoch=1, window=0)
+
+
+def test_a_state_is_due_every_save_every_steps_at_epoch_ends_and_at_the_last_step(tiny_cfg):
+    from accelerate import Accelerator
+
+    from medqa_loop.checkpoint.state import StateSaver
+
+    saver = StateSaver(tiny_cfg("train.save_every=3"), Accelerator(), None, "digest")
+    assert saver.due(Position(3, 0, 3), last=False) and saver.due(Position(6, 1, 2), last=False)
+    assert not saver.due(Position(5, 1, 1), last=False)
+    assert saver.due(Position(5, 1, 1), last=True)  # train.max_steps reached
+    assert saver.due(Position(4, 1, 0), last=False)  # the end of epoch 1
+    only_ends = StateSaver(tiny_cfg("train.save_every=null"), Accelerator(), None, "digest")
+    assert not only_ends.due(Position(3, 0, 3), last=False) and only_ends.due(Position(12, 1, 0), last=False)
+    assert saver.signal_received() == 0
+    saver.signum = signal.SIGTERM  # what its handler records (stop_on_signals)
+    assert saver.signal_received() == signal.SIGTERM

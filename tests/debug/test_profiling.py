@@ -1,4 +1,4 @@
-"""torch.profiler around chosen steps (medqa_loop.profiling), through the real run."""
+"""torch.profiler around chosen steps (medqa_loop.debug.profiling), through the real run."""
 
 import gzip
 import json

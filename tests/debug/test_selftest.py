@@ -1,15 +1,17 @@
-"""The gradient-accumulation self-test on the tiny 8-bit model, as CI runs it."""
+"""The gradient-accumulation self-test (medqa_loop.debug.selftest, ``medqa selftest``) on the tiny
+8-bit model, as CI runs it."""
 
 import pytest
 
 from conftest import TINY
-from medqa_loop import selftest
+from medqa_loop.cli import main
+from medqa_loop.debug import selftest
 from medqa_loop.loop import EPS
 
 
 def test_cli_passes_on_the_tiny_model_without_8bit(capsys):
     with pytest.raises(SystemExit) as exit_:
-        selftest.main(["--config", str(TINY), "--set", "model.load_in_8bit=false"])
+        main(["selftest", "--config", TINY, "--set", "model.load_in_8bit=false"])
     out = capsys.readouterr().out
     assert exit_.value.code == 0, out
     assert "4 micro-batches vs 1 batch of the same 8 pairs" in out and out.rstrip().endswith("PASS")
@@ -52,3 +54,26 @@ def test_self_test_fails_a_naive_accumulation(lora_parts, monkeypatch):
     result = selftest.check(parts, cfg)
     assert not result.passed and result.rel_diff > 10 * result.tolerance
     assert selftest.report(result, cfg).endswith("FAIL: the accumulated gradient is not that of one batch")
+
+
+def test_run_selftest_returns_the_verdict_and_the_report_and_fail_exits_1(capsys, monkeypatch):
+    """run_selftest builds the run in a scratch directory with dropout off; ``medqa selftest``
+    prints its report and exits 1 on FAIL."""
+    passed, text = selftest.run_selftest(TINY, ["model.load_in_8bit=false", "data.max_rows=40"])
+    assert passed and text.rstrip().endswith("PASS") and "(tolerance 1e-05: fp32 compute" in text
+    capsys.readouterr()  # what building the run printed
+
+    monkeypatch.setattr(selftest, "run_selftest", lambda config, overrides, eval_mode: (False, "FAIL: made up"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["selftest", "--config", TINY])
+    assert exit_.value.code == 1 and capsys.readouterr().out.strip() == "FAIL: made up"
+
+
+def test_tolerance_follows_the_numerics_of_the_config():
+    from medqa_loop.config import load_config
+
+    assert selftest.tolerance(load_config(TINY, ["model.load_in_8bit=false"]), False) == selftest.FP32
+    assert selftest.tolerance(load_config(TINY, ["model.load_in_8bit=false", "model.dtype=bfloat16"]), False) == selftest.HALF
+    assert selftest.tolerance(load_config(TINY), True) == selftest.INT8_SPLIT
+    assert selftest.tolerance(load_config(TINY, ["model.llm_int8_threshold=0"]), False) == selftest.INT8_NO_SPLIT
+    assert selftest.tolerance(load_config(TINY), False) == selftest.FP32  # CPU training: no outlier split ran

@@ -1,8 +1,7 @@
-"""Gradient debugging on the tiny 8-bit model: grad_trace.jsonl, attribution, the NaN/inf guard,
-pause hooks, snapshots and bitwise replay, 8-bit outlier counts, schedule warnings, the plot."""
+"""Gradient debugging (medqa_loop.debug.trace, .int8) on the tiny 8-bit model: grad_trace.jsonl,
+attribution, the NaN/inf guard (stop and skip), pause hooks, snapshots, 8-bit outlier counts, the
+schedule warning the loop prints. Replaying steps: test_replay.py; the plot: test_plot.py."""
 
-import contextlib
-import io
 import json
 import math
 import re
@@ -11,15 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import user_plugins
 from conftest import TINY
+from medqa_loop.batching import accumulation_windows, epoch_order
 from medqa_loop.config import ConfigError, load_config
-from medqa_loop.data import accumulation_windows, epoch_order, load_pairs, split_pairs
-from medqa_loop.debug import GradientDebugger, Int8Outliers, NonFiniteError, module_name, schedule_warnings
+from medqa_loop.data import load_pairs, split_pairs
+from medqa_loop.debug.int8 import Int8Outliers
+from medqa_loop.debug.replay import bitwise_equal, replay
+from medqa_loop.debug.trace import GradientDebugger, NonFinite, NonFiniteError, build_debugger, format_table
 from medqa_loop.loop import backward_window, forward_loss_sum, window_counts
 from medqa_loop.losses import target_weight
 from medqa_loop.metrics import read_metrics
-from medqa_loop.replay import bitwise_equal, replay
+from medqa_loop.model import module_name
 from medqa_loop.train import run
 
 MODULE = re.compile(r"layers\.[01]\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.lora_[AB]")
@@ -39,23 +40,6 @@ def steps_of(out):
 
 def adapter_weights(path):
     return load_file(path / "adapter_model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def traced_run(tmp_path_factory):
-    """Two traced steps (dropout on), snapshots before both, a recording hook at step 2, a clip
-    threshold low enough that both steps are clipped."""
-    out = tmp_path_factory.mktemp("traced") / "run"
-    cfg = load_config(TINY, [
-        f"output_dir={out}", "data.batching=pad", "train.max_steps=2", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
-        "train.max_grad_norm=0.1", "debug.enabled=true", "debug.snapshot_steps=[1, 2]",
-        "debug.pause_at=[2]", "debug.hooks=[user_plugins:record]",
-    ])
-    user_plugins.CALLS.clear()
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        run(cfg)
-    return cfg, out, stdout.getvalue(), list(user_plugins.CALLS)
 
 
 def test_grad_trace_has_one_line_per_step_with_the_issue_keys(traced_run):
@@ -141,63 +125,9 @@ def test_pause_hook_gets_step_model_and_window_after_backward_before_clipping(tr
     assert calls[0]["grad_norm"] == pytest.approx(trace[2]["grad_norm"], rel=1e-6)
 
 
-def test_replay_from_a_snapshot_is_bitwise_equal_on_cpu(traced_run, capsys):
-    """Replay step 2 (dropout 0.1: the RNG state matters) from its snapshot: the gradients equal
-    the run's bit for bit and the per-module table equals the run's grad_trace line."""
-    from medqa_loop.replay import main
-
-    cfg, out, _, _ = traced_run
-    main(["--run", str(out), "--step", "2"])
-    printed = capsys.readouterr().out
-    assert re.search(r"gradients bitwise equal to the run's \(.*step-2/grads.safetensors\): yes", printed)
-    assert "per-module table equal to the run's grad_trace.jsonl line: yes" in printed
-    assert "layers.1.mlp.down_proj.lora_B" in printed
-
-    r = replay(out, 2)
-    assert r.bitwise_equal is True
-    assert bitwise_equal(r.grads, load_file(out / "debug/step-2/grads.safetensors"))
-    assert r.trace == read_metrics(out / "grad_trace.jsonl")[1]  # modules, micro-batches, loss, lr, clip
-    # The check can fail: other dropout masks give another gradient.
-    fresh = replay(out, 2, fresh_dropout=True)
-    assert fresh.bitwise_equal is False and fresh.trace["modules"] != r.trace["modules"]
-
-
-def test_replay_without_a_checkpoint_says_how_to_get_one(traced_run):
-    _, out, _, _ = traced_run
-    with pytest.raises(ValueError, match=r"before step 3.*steps \[1, 2\].*snapshot_steps=\[3\]"):
-        replay(out, 3)
-
-
 def test_schedule_warning_printed_before_training(traced_run):
     _, _, stdout, _ = traced_run
     assert "warning: train.warmup_steps=5 is not shorter than the run's 2 optimizer steps" in stdout
-
-
-def test_schedule_warnings_thresholds():
-    from medqa_loop.config import TrainConfig
-
-    assert schedule_warnings(TrainConfig(), 651) == []  # the recipe: 100 warmup, eval every 50
-    assert any("never reaches" in w for w in schedule_warnings(TrainConfig(), 100))
-    assert any("31%" in w for w in schedule_warnings(TrainConfig(warmup_steps=200), 651))
-    evals = schedule_warnings(TrainConfig(warmup_steps=0, eval_every=50), 60)
-    assert len(evals) == 1 and "evaluates 1 time(s) in the run's 60 optimizer steps" in evals[0]
-
-
-def test_plot_of_a_run(traced_run):
-    import matplotlib.image
-
-    from medqa_loop.plot import plot_run
-
-    _, out, _, _ = traced_run
-    path, fig = plot_run(out)
-    assert path == out / "training.png" and matplotlib.image.imread(path).shape[:2] == (1000, 800)
-    loss_ax, lr_ax, norm_ax, clip_ax = fig.axes
-    steps = list(steps_of(out).values())
-    trace = read_metrics(out / "grad_trace.jsonl")
-    assert list(loss_ax.lines[0].get_ydata()) == [r["loss"] for r in steps]
-    assert list(lr_ax.lines[0].get_ydata()) == [r["lr"] for r in steps]
-    assert list(norm_ax.lines[0].get_ydata()) == [r["grad_norm"] for r in steps]
-    assert list(clip_ax.lines[0].get_ydata()) == pytest.approx([t["clip_coef"] for t in trace])
 
 
 def test_guard_names_the_first_lora_gradient_to_go_non_finite(lora_parts, tmp_path):
@@ -290,6 +220,72 @@ def test_skip_policy_drops_the_update_and_counts_it(tmp_path):
     # The bundle of the skipped step says the gradient went bad after backward (the hook).
     info = json.loads((out / "debug/step-1/window.json").read_text())["nonfinite"]
     assert info["backward"] == {"module": "layers.0.mlp.up_proj.lora_B", "micro_batch": None, "rows": None}
+
+
+def test_skip_policy_returns_the_finding_and_leaves_dropping_the_gradients_to_the_loop(lora_parts, tmp_path):
+    """With debug.nan_policy=skip, before_clip names the step to skip (message, pre-skip norm) and
+    changes no gradient: the loop drops them. The first skipped step writes a bundle, later ones
+    don't; a finite step returns None; after_step writes the skipped step's line with coefficient 0."""
+    cfg, parts = lora_parts
+    acc, model = parts.accelerator, parts.model
+    batches = [parts.collate_fn(parts.train_examples[0:2])]
+    skip_cfg = load_config(TINY, ["debug.enabled=true", "debug.nan_policy=skip"])
+    debugger = GradientDebugger(skip_cfg, acc, model, parts.optimizer, tmp_path)
+    poisoned = "layers.1.mlp.down_proj.lora_A"
+    try:
+        found = []
+        for step in (3, 4, 5):
+            model.zero_grad(set_to_none=True)
+            normaliser = window_counts(acc, batches)[0]
+            loss = float(backward_window(acc, model, batches, normaliser, debugger.watch(step)) / normaliser)
+            if step < 5:
+                debugger.params[poisoned].grad[0, 0] = float("nan")
+            grads = {n: p.grad.clone() for n, p in debugger.params.items()}
+            found.append(debugger.before_clip(step, model, batches, loss))
+            # before_clip dropped nothing: every gradient is still there, bit for bit, the NaN too
+            assert all(p.grad is not None for p in debugger.params.values())
+            assert bitwise_equal({n: p.grad for n, p in debugger.params.items()}, grads)
+            assert math.isnan(debugger.params[poisoned].grad[0, 0]) == (step < 5)
+            assert debugger.after_step(step, {"loss": loss, "lr": 0.0, "grad_norm": 0.0, "target_tokens": 0},
+                                       skipped=step < 5) is None
+            assert debugger.last_trace["step"] == step
+            assert debugger.last_trace.get("skipped", False) == (step < 5)
+            assert (debugger.last_trace["clip_coef"] == 0.0) == (step < 5)
+    finally:
+        debugger.close()
+        model.zero_grad(set_to_none=True)
+    first, second, finite = found
+    assert isinstance(first, NonFinite) and isinstance(second, NonFinite) and finite is None
+    assert first.message.startswith("skipped step (1 so far): non-finite loss or gradient at step 3")
+    assert f"(backward): {poisoned}" in first.message and str(tmp_path / "debug" / "step-3") in first.message
+    assert second.message.startswith("skipped step (2 so far)") and "state saved" not in second.message
+    assert math.isnan(first.grad_norm) and debugger.skipped == 2
+    assert [p.name for p in (tmp_path / "debug").iterdir()] == ["step-3"]  # one bundle only
+    assert [t["step"] for t in read_metrics(tmp_path / "grad_trace.jsonl")] == [3, 4, 5]
+
+
+def test_build_debugger_is_none_unless_debug_is_enabled(lora_parts, tmp_path):
+    cfg, parts = lora_parts
+    args = (parts.accelerator, parts.model, parts.optimizer, tmp_path)
+    assert build_debugger(load_config(TINY), *args) is None
+    debugger = build_debugger(load_config(TINY, ["debug.enabled=true"]), *args)
+    try:
+        assert isinstance(debugger, GradientDebugger) and len(debugger.params) == 28
+    finally:
+        debugger.close()
+
+
+def test_format_table_prints_a_trace_line(traced_run):
+    _, out, _, _ = traced_run
+    line = read_metrics(out / "grad_trace.jsonl")[1]
+    table = format_table(line).splitlines()
+    assert table[0].startswith(f"step 2: loss {line['loss']:.6f}, target tokens {line['target_tokens']}")
+    assert f"clip_coef {line['clip_coef']:.4f}" in table[0]
+    assert len(table) == 2 + len(line["modules"]) + len(line["micro_batches"])
+    for name, row in zip(line["modules"], table[2:]):
+        assert row.split() == [name, f"{line['modules'][name]['grad_norm']:.4e}", f"{line['modules'][name]['weight_norm']:.4e}",
+                               f"{line['modules'][name]['update_ratio']:.4e}"]
+    assert table[-1].startswith(f"micro-batch {len(line['micro_batches']) - 1}: rows {line['micro_batches'][-1]['rows']}")
 
 
 def test_int8_outlier_columns_are_those_llm_int8_splits_off(lora_parts):

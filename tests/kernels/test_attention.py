@@ -1,4 +1,4 @@
-"""Attention for packed rows (medqa_loop.attention): per-pair causal attention equals SDPA with the
+"""Attention for packed rows (medqa_loop.kernels.attention): per-pair causal attention equals SDPA with the
 block-diagonal causal mask, padded batches go to transformers' SDPA, and the collate's pair
 boundaries reach the model as the keyword arguments the attention reads."""
 
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import OpLog, rel
-from medqa_loop import attention
-from medqa_loop.attention import varlen_attention, varlen_kwargs
-from medqa_loop.data import collate
+from medqa_loop.batching import collate
+from medqa_loop.kernels import attention
+from medqa_loop.kernels.attention import varlen_attention, varlen_kwargs
 
 
 class Attn(torch.nn.Module):
@@ -116,7 +116,7 @@ def test_collate_cu_seq_lens_are_the_pair_boundaries():
         assert pos[s:e].tolist() == list(range(e - s))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention varlen needs CUDA")
+@pytest.mark.cuda
 def test_flash_path_equals_per_pair_path_on_cuda(monkeypatch):
     lengths = [300, 1, 517, 1024]
     q, k, v = qkv(lengths, heads=32, kv_heads=8, dim=128, dtype=torch.bfloat16, device="cuda")

@@ -1,4 +1,5 @@
-"""Fused autograd functions (medqa_loop.fused): exact gradients, a replayable dropout mask, and a
+"""The fast path's autograd functions (medqa_loop.kernels.autograd) and the swaps that route the
+model through them (medqa_loop.kernels.patch): exact gradients, a replayable dropout mask, and a
 fused tiny model equal to the stock one, with and without 8-bit weights and checkpointing."""
 
 import inspect
@@ -8,12 +9,13 @@ import torch
 from torch.autograd import gradcheck
 
 from conftest import OpLog, rel
-from medqa_loop import fused
-from medqa_loop.data import collate
-from medqa_loop.dropout import keep_mask
-from medqa_loop.fused import BaseAfterLora, LoraLinear, RMSNormFn, SiluMul, use_fused_ops
+from medqa_loop.batching import collate
+from medqa_loop.kernels import ops, patch, reference
+from medqa_loop.kernels.autograd import BaseAfterLora, LoraLinear, RMSNormFn, RotaryFn, SiluMul
+from medqa_loop.kernels.patch import use_fused_ops
+from medqa_loop.kernels.reference import keep_mask
 from medqa_loop.loop import forward_loss_sum
-from medqa_loop.train import build_parts
+from medqa_loop.train import prepare_run
 
 F64 = torch.float64
 
@@ -102,7 +104,7 @@ def test_silu_mul_gradcheck():
 
 
 def build(tiny_cfg, tmp_path, name, *overrides):
-    parts = build_parts(tiny_cfg(f"output_dir={tmp_path / name}", *overrides))
+    parts = prepare_run(tiny_cfg(f"output_dir={tmp_path / name}", *overrides))
     parts.model.train()
     return parts
 
@@ -142,9 +144,9 @@ def test_fused_model_equals_stock_model(tiny_cfg, tmp_path, base):
     common = ["lora.dropout=0.0", "model.attn_implementation=sdpa", *base]
     stock = build(tiny_cfg, tmp_path, "stock", *common, "model.fused_ops=false")
     fast = build(tiny_cfg, tmp_path, "fused", *common, "model.fused_ops=true")
-    assert swapped(stock.model, fused._lora_forward) == 0
-    assert swapped(fast.model, fused._lora_forward) == 14  # 2 layers x 7 projections
-    assert swapped(fast.model, fused._rmsnorm_forward) == 5 and swapped(fast.model, fused._mlp_forward) == 2
+    assert swapped(stock.model, patch._lora_forward) == 0
+    assert swapped(fast.model, patch._lora_forward) == 14  # 2 layers x 7 projections
+    assert swapped(fast.model, patch._rmsnorm_forward) == 5 and swapped(fast.model, patch._mlp_forward) == 2
     for parts in (stock, fast):
         set_lora(parts.model)
     for kind, batch in batches(stock).items():
@@ -172,13 +174,13 @@ def test_use_fused_ops_counts_and_leaves_llm_int8_lora_alone(tiny_cfg, tmp_path)
     assert sum(type(m).__name__ == "MistralMLP" for m in model.modules()) == expected["mlp"]
     assert sum(type(m).__name__ == "MistralAttention" for m in model.modules()) == expected["rotary"]
     assert use_fused_ops(model) == expected
-    assert swapped(model, fused._lora_forward) == 14
+    assert swapped(model, patch._lora_forward) == 14
 
     bnb = build(tiny_cfg, tmp_path, "bnb", "model.int8_matmul=bnb", "model.fused_ops=false")
     loras = [m for m in bnb.model.modules() if isinstance(m, LoraLayer)]
     assert len(loras) == 14 and all(is_int8_linear(m.get_base_layer()) for m in loras)
     assert use_fused_ops(bnb.model) == {"lora": 0, "rmsnorm": 5, "mlp": 2, "rotary": 2}
-    assert swapped(bnb.model, fused._lora_forward) == 0 and swapped(bnb.model, fused._rmsnorm_forward) == 5
+    assert swapped(bnb.model, patch._lora_forward) == 0 and swapped(bnb.model, patch._rmsnorm_forward) == 5
 
 
 def test_dropout_survives_checkpointing_and_is_off_in_eval(tiny_cfg, tmp_path):
@@ -187,7 +189,7 @@ def test_dropout_survives_checkpointing_and_is_off_in_eval(tiny_cfg, tmp_path):
     plain = build(tiny_cfg, tmp_path, "plain", *common, "model.gradient_checkpointing=false")
     assert ckpt.model.get_base_model().is_gradient_checkpointing
     assert not plain.model.get_base_model().is_gradient_checkpointing
-    assert swapped(ckpt.model, fused._lora_forward) == 14
+    assert swapped(ckpt.model, patch._lora_forward) == 14
     for parts in (ckpt, plain):
         set_lora(parts.model)
     batch = batches(ckpt)["packed"]
@@ -250,13 +252,14 @@ def test_checkpoint_recompute_skips_the_down_projections_frozen_matmul(tiny_cfg,
     assert counts[True] == {"down": 3 * layers, "gate_up": 5 * layers}  # recomputed: gate, up; not down
 
 
-def eager_reference(fn, *args):
-    """fn's eager maths (what the CPU runs) on CPU copies of args, returned on args' device."""
-    out = fn(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+def eager_reference(name, *args):
+    """The eager maths of ``ops.<name>`` (medqa_loop.kernels.reference: what the CPU runs) on CPU
+    copies of args, returned on args' device."""
+    out = getattr(reference, name)(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
     return tuple(o.to(args[0].device) for o in (out if isinstance(out, tuple) else (out,)))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_norm_and_swiglu_triton_kernels_equal_eager_on_cuda(dtype):
     """What runs on the GPU (Triton kernels for the norm and SwiGLU maths) is what the CPU tests
@@ -265,21 +268,22 @@ def test_norm_and_swiglu_triton_kernels_equal_eager_on_cuda(dtype):
     x = (torch.randn(1000, 4096, device="cuda", generator=gen) * 3).to(dtype)  # a 14336-wide
     w = torch.randn(4096, device="cuda", generator=gen).to(dtype)  # row would do for SwiGLU too
     up, grad = torch.randn_like(x), torch.randn_like(x)
-    rstd = fused._rmsnorm(x, w, 1e-5)[1]
+    assert ops.backend(x) is not reference  # the Triton kernels are what runs here
+    rstd = ops.rmsnorm(x, w, 1e-5)[1]
     cases = [
-        (fused._rmsnorm, (x, w, 1e-5)), (fused._rmsnorm_backward, (x, w, rstd, grad)),
-        (fused._silu_mul, (x, up)), (fused._silu_mul_backward, (x, up, grad)),
+        ("rmsnorm", (x, w, 1e-5)), ("rmsnorm_backward", (x, w, rstd, grad)),
+        ("silu_mul", (x, up)), ("silu_mul_backward", (x, up, grad)),
     ]
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for fn, args in cases:
-        got = fn(*args)
+    for name, args in cases:
+        got = getattr(ops, name)(*args)
         got = got if isinstance(got, tuple) else (got,)
-        for g, e in zip(got, eager_reference(fn, *args), strict=True):
-            assert g.dtype == e.dtype and g.shape == e.shape, fn.__name__
-            assert rel(g, e) < tol, fn.__name__
+        for g, e in zip(got, eager_reference(name, *args), strict=True):
+            assert g.dtype == e.dtype and g.shape == e.shape, name
+            assert rel(g, e) < tol, name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+@pytest.mark.cuda
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_lora_linear_on_cuda_equals_its_float64_maths(p):
     """LoraLinear as the GPU runs it (bf16, int8 weight, the dropout kernels, the frozen matmul
@@ -331,13 +335,13 @@ def test_attention_runs_transformers_forward_with_its_rotary_as_fallback(tiny_cf
 
     # and the model's forward goes through it, once per layer
     asked = []
-    monkeypatch.setattr(fused, "_rotary_covers", lambda *args: asked.append(args) or False)
+    monkeypatch.setattr(ops, "rotary_covers", lambda *args: asked.append(args) or False)
     with torch.no_grad():
         forward_loss_sum(parts.model, batches(parts)["packed"])
     assert len(asked) == parts.model.config.num_hidden_layers
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rotary_kernel_equals_transformers_on_cuda(dtype):
     from transformers.models.mistral.modeling_mistral import apply_rotary_pos_emb
@@ -348,9 +352,9 @@ def test_rotary_kernel_equals_transformers_on_cuda(dtype):
     q = torch.randn(1, tokens, 32, 128, device="cuda", generator=gen).to(dtype).transpose(1, 2)
     k = torch.randn(1, tokens, 8, 128, device="cuda", generator=gen).to(dtype).transpose(1, 2)
     cos, sin = rope(1, tokens, 128, "cuda", dtype)
-    assert fused._rotary_covers(q, k, cos, sin)
+    assert ops.rotary_covers(q, k, cos, sin)
     q, k = q.requires_grad_(), k.requires_grad_()
-    got = fused.RotaryFn.apply(q, k, cos, sin)
+    got = RotaryFn.apply(q, k, cos, sin)
     grads = [torch.randn(t.shape, device="cuda", generator=gen).to(dtype) for t in got]
     got_grads = torch.autograd.grad(got, (q, k), grads)
     # The reference in fp64: transformers' formula and its autograd.
@@ -359,5 +363,5 @@ def test_rotary_kernel_equals_transformers_on_cuda(dtype):
     want_grads = torch.autograd.grad(want, (q64, k64), [g.double() for g in grads])
     tol = 1e-6 if dtype == torch.float32 else 4e-3
     for g, w in zip((*got, *got_grads), (*want, *want_grads)):
-        assert g.dtype == dtype and fused._bthd(g)  # results keep the projections' layout
+        assert g.dtype == dtype and ops._bthd(g)  # results keep the projections' layout
         assert rel(g, w) < tol

@@ -1,4 +1,5 @@
-"""The dequantize-per-matmul int8 path against bitsandbytes' own output and a float64 reference."""
+"""The dequantize-per-matmul int8 path (medqa_loop.kernels: autograd.DequantLinear, routed in by
+patch.use_dequant_matmul) against bitsandbytes' own output and a float64 reference."""
 
 from pathlib import Path
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 from conftest import rel
-from medqa_loop.quant import DequantLinear, int8_state, use_dequant_matmul
+from medqa_loop.kernels import ops, reference
+from medqa_loop.kernels.autograd import DequantLinear
+from medqa_loop.kernels.patch import int8_state, use_dequant_matmul, uses_dequant_matmul
 
 
 def int8_linear(w: torch.Tensor):
@@ -26,7 +29,9 @@ def test_dequant_matches_bitsandbytes_and_is_closer_to_the_weights():
         bnb_out = layer(x)  # LLM.int8: int8 activations and weights
         cb, scb = int8_state(layer)
         assert cb.dtype == torch.int8 and scb.shape == (96,)
+        assert not uses_dequant_matmul(layer)
         assert use_dequant_matmul(torch.nn.Sequential(layer)) == 1
+        assert uses_dequant_matmul(layer)
         ours = layer(x)
     exact = x.double() @ w.double().T
     assert rel(ours, bnb_out) < 2e-2  # bitsandbytes' activation rounding is the difference
@@ -72,14 +77,13 @@ def test_tiny_model_int8_paths(tiny_cfg):
     assert rel(logits["dequant"], logits["float"]) < min(0.04, rel(logits["bnb"], logits["float"]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA only")
+@pytest.mark.cuda
 def test_cuda_dequantize_gives_the_reference_bits():
-    from medqa_loop.quant import dequantize
-
     gen = torch.Generator(device="cuda").manual_seed(0)
     for rows, cols in ((4096, 1024), (33, 4099)):  # one size off the kernel's tiles
         cb = torch.randint(-127, 128, (rows, cols), device="cuda", generator=gen, dtype=torch.int8)
         scb = torch.rand(rows, device="cuda", generator=gen) * 3
+        assert ops.backend(cb, (torch.int8,)) is not reference  # the Triton kernel runs
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            got, want = dequantize(cb, scb, dtype), dequantize(cb.cpu(), scb.cpu(), dtype)
+            got, want = ops.dequantize(cb, scb, dtype), reference.dequantize(cb.cpu(), scb.cpu(), dtype)
             assert got.dtype == dtype and torch.equal(got.cpu(), want), (rows, cols, dtype)

@@ -1,6 +1,6 @@
-"""Test helper: run ``medqa_loop.train`` and send this very process a real signal at a chosen point.
+"""Test helper: run ``medqa train`` and send this very process a real signal at a chosen point.
 
-    python tests/inject_fault.py SIGNAL WHERE N [train args...]
+    python tests/support/inject_fault.py SIGNAL WHERE N [medqa train args...]
 
 SIGNAL is KILL, TERM or INT. WHERE is
   forward  during the forward of the N-th training micro-batch (counted from the run's start)
@@ -17,7 +17,7 @@ import signal
 import sys
 
 import medqa_loop.loop as loop
-import medqa_loop.state as state
+import medqa_loop.checkpoint.state as state
 from medqa_loop.train import main
 
 

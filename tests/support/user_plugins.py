@@ -1,5 +1,5 @@
 """Masks and debug hooks the tests select by import path (``user_plugins:name``), as a user's
-own module would be: tests/ is on sys.path under pytest."""
+own module would be: tests/support is on sys.path under pytest (tests/conftest.py)."""
 
 import torch
 
