@@ -38,8 +38,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     # On CUDA the fused implementation: the whole update in a few kernel launches, where the
-    # default (foreach) makes a dozen multi-tensor passes per group, 19 ms of CPU time a step on
-    # the H100 host (BENCHMARKS.md, run H). Same maths, same state dict.
+    # default (foreach) makes a dozen multi-tensor passes per group, on the CPU's time that a
+    # 7B step is short of (BENCHMARKS.md). Same maths, same state dict.
     fused = all(p.is_cuda for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
 

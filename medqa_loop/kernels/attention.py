@@ -1,9 +1,9 @@
 """Attention for packed rows: each pair attends only to its own tokens, and only those are computed.
 
-A packed row (medqa_loop.batching.collate) holds many pairs. Through SDPA that needs a block-diagonal T x T
-mask, and SDPA's masked kernel computes every block of it: for a 2k-token row of four pairs
-three quarters of the attention work is thrown away, for an 8k row of 17 pairs 94% (measured:
-about half of a step's time went there). ``varlen`` hands FlashAttention the pairs' boundaries
+A packed row (medqa_loop.batching.collate) holds many pairs. Through SDPA that needs a
+block-diagonal T x T mask, and SDPA's masked kernel computes every block of it: for a 2k-token
+row of four pairs three quarters of the attention work is thrown away, for an 8k row of 17 pairs
+94%, about half of a step's time (BENCHMARKS.md). ``varlen`` hands FlashAttention the pairs' boundaries
 (``cu_seq_lens``, made by the collate) instead, through aten's FlashAttention-2 varlen kernel
 on CUDA in bf16/fp16, so the work is that of the pairs alone. Where that kernel cannot run (CPU,
 fp32) the same boundaries drive one causal SDPA per pair; tests check both against SDPA with
