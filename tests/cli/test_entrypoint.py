@@ -1,26 +1,26 @@
-"""The real entry point, as users launch it, in a subprocess (CPU smoke test)."""
+"""The real entry point, as users launch it, in a subprocess run from outside the checkout, so the
+installed package is what runs (CPU smoke test)."""
 
 import json
-import os
 import subprocess
 import sys
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, subprocess_env
 
 
-def launch(*args, env=None, timeout=600, accelerate=True):
+def launch(*args, cwd, env=None, timeout=600, accelerate=True):
     """``accelerate launch ... -m medqa_loop.train`` (which turns any failure into exit 1), or
     plain ``python -m medqa_loop.train`` to see the entry point's own exit code."""
     prefix = ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml")]
     return subprocess.run(
         [sys.executable, *(prefix if accelerate else []), "-m", "medqa_loop.train", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(**(env or {})),
     )
 
 
 def test_accelerate_launch_trains_the_tiny_config(tmp_path):
     out = tmp_path / "run"
-    proc = launch("--config", str(TINY), "--set", f"output_dir={out}", "--set", "train.epochs=1")
+    proc = launch("--config", TINY, "--set", f"output_dir={out}", "--set", "train.epochs=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
@@ -31,12 +31,13 @@ def test_accelerate_launch_trains_the_tiny_config(tmp_path):
     assert cfg["base_model_name_or_path"] == str(out / "base")  # a base that exists
     assert (out / "base" / "model.safetensors").is_file()
 
-    again = launch("--config", str(TINY), "--set", f"output_dir={out}", accelerate=False)
-    assert again.returncode == 2 and "holds another run" in again.stderr
+    again = launch("--config", TINY, "--set", f"output_dir={out}", cwd=tmp_path, accelerate=False)
+    assert again.returncode == 2 and "medqa train: error: output_dir" in again.stderr and "holds another run" in again.stderr
 
 
 def test_default_recipe_fails_fast_and_clearly_without_a_hub(tmp_path):
-    proc = launch("--set", f"output_dir={tmp_path / 'r'}", env={"HF_HUB_OFFLINE": "1"}, timeout=120, accelerate=False)
+    proc = launch("--set", f"output_dir={tmp_path / 'r'}", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}, timeout=120,
+                  accelerate=False)
     assert proc.returncode == 2
     assert "alecocc/mistral-7B-SFT-medqa-graph-cot" in proc.stderr and "local path" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
-"""Merging the trained adapter into a 16-bit base: a plain transformers model, same logits."""
+"""Merging the trained adapter into a 16-bit base (medqa_loop.export, ``medqa export``): a plain
+transformers model, same logits."""
 
 import dataclasses
 from pathlib import Path
@@ -6,13 +7,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa_loop.adapter import load_adapted_model, resolve_adapter
-from medqa_loop.data import collate, encode_pairs, load_pairs, split_pairs
-from medqa_loop.export import main
+from medqa_loop.batching import collate
+from medqa_loop.checkpoint.adapter import load_adapted_model, resolve_adapter
+from medqa_loop.cli import main as cli_main
+from medqa_loop.data import encode_pairs, load_pairs, split_pairs
 from medqa_loop.masking import resolve_mask
 from medqa_loop.model import load_base, load_tokenizer
 
 CPU = torch.device("cpu")
+
+
+def export(argv: list[str]) -> int:
+    """``medqa export ...`` in-process: its exit code (the CLI always ends with SystemExit)."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["export", *argv])
+    return exit_.value.code
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +57,7 @@ def test_exported_model_is_plain_transformers_with_the_adapters_logits(dtype, re
 
     src, batch, int8_logits = reference
     out = tmp_path / "merged"
-    main(["--adapter", str(src.path), "--out", str(out), "--dtype", dtype])
+    assert export(["--adapter", str(src.path), "--out", str(out), "--dtype", dtype]) == 0
     assert f"saved to {out}" in capsys.readouterr().out
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
 
@@ -79,10 +88,8 @@ def test_export_refuses_to_clobber(reference, tmp_path, capsys):
         (busy, [], "exists and is not empty; pass --overwrite"),
         (src.path.parent, ["--overwrite"], "would overwrite the adapter"),  # the run directory
     ]:
-        with pytest.raises(SystemExit) as exit_:
-            main(["--adapter", str(src.path), "--out", str(out), *flags])
-        assert exit_.value.code == 2 and message in capsys.readouterr().err
+        code = export(["--adapter", str(src.path), "--out", str(out), *flags])
+        assert code == 2 and message in capsys.readouterr().err
     assert (busy / "keep.txt").read_text() == "mine" and (src.path / "adapter_config.json").is_file()
-    with pytest.raises(SystemExit) as exit_:
-        main(["--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert exit_.value.code == 2 and "adapter directory not found" in capsys.readouterr().err
+    code = export(["--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "medqa export: error: adapter directory not found" in capsys.readouterr().err

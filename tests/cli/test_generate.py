@@ -1,10 +1,9 @@
-"""Answering questions with a trained adapter: the training prompt, the 8-bit base, greedy and
-seeded sampling, answers sampled during training, and clear errors before any weights load."""
+"""Answering questions with a trained adapter (medqa_loop.generate, ``medqa generate``): the
+training prompt, the 8-bit base, greedy and seeded sampling, answers sampled during training, and
+clear errors before any weights load."""
 
 import dataclasses
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from medqa_loop.adapter import adapter_tokenizer, load_adapted_model, resolve_adapter
+from medqa_loop.checkpoint.adapter import adapter_tokenizer, load_adapted_model, resolve_adapter
+from medqa_loop.cli import main
 from medqa_loop.config import DataConfig
 from medqa_loop.data import DataError, Pairs, encode_pairs, encode_prompt, load_pairs, split_pairs
-from medqa_loop.generate import GenerationSettings, generate_answer, main, read_questions
+from medqa_loop.generate import GenerationSettings, answer_questions, generate_answer, read_questions
 from medqa_loop.masking import MASKS
 from medqa_loop.metrics import read_metrics
 
-from conftest import ROOT
+from conftest import subprocess_env
 
 
 def final_adapter(cfg) -> Path:
@@ -27,12 +27,10 @@ def final_adapter(cfg) -> Path:
 
 
 def run_main(capsys, *argv):
-    """medqa_loop.generate in-process: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
+    """``medqa generate ...`` in-process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", *(str(a) for a in argv)])
+    code = exit_.value.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -78,6 +76,17 @@ def test_answers_sampled_in_training_equal_the_cli_answers(trained_run, capsys):
     assert answers == [{"question": s["question"], "answer": s["generated"]} for s in samples[-2:]]
 
 
+def test_answer_questions_takes_the_command_line_then_the_file(trained_run, tmp_path):
+    """The function behind ``medqa generate``: questions given, then those of ``file`` (its
+    column defaulting to the run's data.question_column), answered greedily as in training."""
+    out = Path(trained_run.output_dir)
+    samples = read_metrics(out / "samples.jsonl")[-2:]  # the final model's answers at step 4
+    table = tmp_path / "qs.jsonl"
+    table.write_text(json.dumps({"question": samples[1]["question"]}) + "\n")
+    got = answer_questions(final_adapter(trained_run), [samples[0]["question"]], GenerationSettings(12), file=str(table))
+    assert got == [{"question": s["question"], "answer": s["generated"]} for s in samples]
+
+
 def test_sampling_is_seeded_and_differs_from_greedy(trained_run):
     from transformers import set_seed
 
@@ -102,25 +111,13 @@ def test_cli_answers_a_file_offline_in_a_subprocess(trained_run, tmp_path):
     questions = tmp_path / "q.txt"
     questions.write_text("What is sepsis?\n\nWhat causes anaemia?\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "medqa_loop.generate", "--adapter", str(final_adapter(trained_run)),
+        [sys.executable, "-m", "medqa_loop", "generate", "--adapter", str(final_adapter(trained_run)),
          "--file", str(questions), "--max-new-tokens", "8"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=subprocess_env(HF_HUB_OFFLINE="1"),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("### Answer:\n") == 2
     assert "### Question:\nWhat is sepsis?\n" in proc.stdout and "What causes anaemia?" in proc.stdout
-
-
-def test_a_moved_run_finds_its_own_base(trained_run, tmp_path):
-    """adapter_config.json records the base path as it was at training time; a run directory
-    that was moved still resolves to the base beside it."""
-    moved = tmp_path / "moved"
-    shutil.copytree(trained_run.output_dir, moved)
-    src = resolve_adapter(moved / "final")
-    assert src.recorded_base == str(Path(trained_run.output_dir) / "base")
-    assert src.base == str(moved / "base")
-    assert src.run.data.prompt_template == trained_run.data.prompt_template
 
 
 def test_read_questions_from_text_and_tables(tmp_path):
@@ -178,7 +175,7 @@ def test_clear_errors_before_any_weights_load(
         raise AssertionError("base weights loaded despite bad input")
 
     monkeypatch.setattr(M, "load_base", boom)
-    monkeypatch.setattr("medqa_loop.adapter.load_base", boom)
+    monkeypatch.setattr("medqa_loop.checkpoint.adapter.load_base", boom)
     adapter = final_adapter(trained_run)
     (tmp_path / "qs.jsonl").write_text('{"question": "ok?"}\n{"question": ""}\n')
     argv = {
