@@ -42,7 +42,7 @@ def test_installed_package_holds_every_module_and_data_file():
 @pytest.mark.slow
 def test_the_wheel_holds_every_module_the_sample_and_the_configs(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
         check=True, capture_output=True, cwd=tmp_path,
     )
     (wheel,) = tmp_path.glob("medqa_loop-*.whl")
