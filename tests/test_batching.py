@@ -31,6 +31,7 @@ def alone(model, ex):
     return (token_losses(logits, b["labels"]) * b["loss_weights"][:, 1:]).sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["varlen", "sdpa"])
 @pytest.mark.parametrize("overrides", [["model.load_in_8bit=false"], []], ids=["float", "int8"])
 def test_packed_row_equals_pairs_alone_and_pairs_do_not_interact(tiny_cfg, overrides, attn, monkeypatch):

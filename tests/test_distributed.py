@@ -59,6 +59,7 @@ def adapter(run_dir):
     return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_double_accumulation(tiny_cfg, tmp_path):
     """The real 8-bit path (default LLM.int8 threshold), launched as users launch it.
 

@@ -45,6 +45,7 @@ def test_base_is_int8_bitsandbytes_and_only_lora_trains(tiny_cfg):
     assert len(trainable) == 2 * 2 * 7  # A and B, 2 layers, 7 projections
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, tol",
     [
@@ -89,6 +90,7 @@ def test_clipping_bounds_the_norm_and_logs_the_preclip_value(tiny_cfg):
     assert float(after) == pytest.approx(0.01, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg, monkeypatch):
     """One epoch of the real loop; the epoch adapter the loop saved reloads through plain PEFT."""
     from peft import PeftModel
@@ -130,6 +132,7 @@ def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg, monk
     assert result.token_acc == pytest.approx(evals[-1]["eval_token_acc"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_max_steps_stops_mid_epoch_and_saves_final(tiny_cfg):
     last = run(tiny_cfg("train.max_steps=3", "train.eval_every=2"))
     out = tiny_cfg().output_dir

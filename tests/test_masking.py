@@ -116,6 +116,7 @@ def readme_mask_example() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+@pytest.mark.slow
 def test_readme_mask_example_runs_through_the_real_loop(tiny_cfg, tmp_path, monkeypatch):
     """The README's ten-line mask, imported by path, drives the loop's first step: the logged loss
     is the README's weighting of the token losses, not the plain completion mean."""

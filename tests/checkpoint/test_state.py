@@ -95,6 +95,7 @@ def test_reference_run_keeps_the_newest_states_with_their_position(reference):
     assert all(torch.equal(final[k], state[k]) for k in final)
 
 
+@pytest.mark.slow
 def test_killed_again_and_again_then_resumed_is_bitwise_the_uninterrupted_run(reference, tmp_path):
     """One run dies three ways, each resume picking up where the last left off.
 

@@ -5,7 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, TINY, subprocess_env
+
+pytestmark = pytest.mark.slow  # each runs the package in a process of its own
 
 
 def launch(*args, cwd, env=None, timeout=600, accelerate=True):

@@ -51,6 +51,7 @@ SAME_DTYPE_TOL = {"float32": 1e-4, "float16": 0.05, "bfloat16": 0.3}
 INT8_TOL, INT8_ARGMAX_AGREEMENT = 0.5, 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_exported_model_is_plain_transformers_with_the_adapters_logits(dtype, reference, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer, MistralForCausalLM

@@ -106,6 +106,7 @@ def test_sampling_is_seeded_and_differs_from_greedy(trained_run):
     assert sampled != greedy
 
 
+@pytest.mark.slow
 def test_cli_answers_a_file_offline_in_a_subprocess(trained_run, tmp_path):
     """As a user runs it: another working directory, hub access off, a .txt of questions."""
     questions = tmp_path / "q.txt"

@@ -4,9 +4,12 @@ import gzip
 import json
 from pathlib import Path
 
+import pytest
+
 from medqa_loop.train import run
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace_and_an_op_table_for_those_steps_only(tiny_cfg):
     cfg = tiny_cfg("train.max_steps=3", "train.profile_steps=[2]", "train.sanity_eval_batches=0")
     run(cfg)

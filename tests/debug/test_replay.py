@@ -30,6 +30,7 @@ def trace_line(out, step: int) -> dict:
     return next(t for t in read_metrics(out / "grad_trace.jsonl") if t["step"] == step)
 
 
+@pytest.mark.slow
 def test_replay_from_a_snapshot_is_bitwise_equal_on_cpu(traced_run, capsys):
     """Replay step 2 (dropout 0.1: the RNG state matters) from its snapshot: the gradients equal
     the run's bit for bit and the per-module table equals the run's grad_trace line."""

@@ -9,6 +9,7 @@ from medqa_loop.debug import selftest
 from medqa_loop.loop import EPS
 
 
+@pytest.mark.slow
 def test_cli_passes_on_the_tiny_model_without_8bit(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["selftest", "--config", TINY, "--set", "model.load_in_8bit=false"])
@@ -18,6 +19,7 @@ def test_cli_passes_on_the_tiny_model_without_8bit(capsys):
     assert "(tolerance 1e-05: fp32 compute" in out
 
 
+@pytest.mark.slow
 def test_default_8bit_config_in_training_agrees_to_fp32_rounding(lora_parts):
     """At the default threshold 6, CPU training takes bitsandbytes' dequantize-then-fp32 path:
     no activation quantization, so the fp32 tolerance applies, and the report says so."""
@@ -28,6 +30,7 @@ def test_default_8bit_config_in_training_agrees_to_fp32_rounding(lora_parts):
     assert "did not take its LLM.int8 outlier path" in selftest.report(result, cfg)
 
 
+@pytest.mark.slow
 def test_llm_int8_path_differs_by_its_outlier_split_and_is_reported(lora_parts):
     """Eval mode on the CPU is LLM.int8's path: per-batch outlier columns make one batch and its
     micro-batches differ by ~1%, within the tolerance chosen for that path, and each layer's
@@ -40,6 +43,7 @@ def test_llm_int8_path_differs_by_its_outlier_split_and_is_reported(lora_parts):
     assert "layers.1.mlp.down_proj" in selftest.report(result, cfg)
 
 
+@pytest.mark.slow
 def test_self_test_fails_a_naive_accumulation(lora_parts, monkeypatch):
     """The check can fail: a loop that averages per-micro-batch means is reported as FAIL."""
     from medqa_loop.loop import backward_window
@@ -56,6 +60,7 @@ def test_self_test_fails_a_naive_accumulation(lora_parts, monkeypatch):
     assert selftest.report(result, cfg).endswith("FAIL: the accumulated gradient is not that of one batch")
 
 
+@pytest.mark.slow
 def test_run_selftest_returns_the_verdict_and_the_report_and_fail_exits_1(capsys, monkeypatch):
     """run_selftest builds the run in a scratch directory with dropout off; ``medqa selftest``
     prints its report and exits 1 on FAIL."""

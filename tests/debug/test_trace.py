@@ -176,6 +176,7 @@ def test_guard_names_the_first_lora_gradient_to_go_non_finite(lora_parts, tmp_pa
     model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.slow
 def test_non_finite_weight_stops_the_run_with_a_bundle_that_replays(tmp_path):
     """A hook poisons a LoRA weight after step 1's backward; step 2's forward goes NaN at that
     module. The run stops before step 2's optimizer step, naming it, and the bundle replays the
@@ -199,6 +200,7 @@ def test_non_finite_weight_stops_the_run_with_a_bundle_that_replays(tmp_path):
     assert not math.isfinite(r.trace["modules"]["layers.0.self_attn.o_proj.lora_A"]["grad_norm"])
 
 
+@pytest.mark.slow
 def test_skip_policy_drops_the_update_and_counts_it(tmp_path):
     out = tmp_path / "run"
     cfg = load_config(TINY, [

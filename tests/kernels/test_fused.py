@@ -139,6 +139,7 @@ def batches(parts):
     return {"packed": collate(exs, pad_id=pad, packed=True), "padded": collate(exs, pad_id=pad)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", [[], ["model.load_in_8bit=false"]], ids=["int8-dequant", "float"])
 def test_fused_model_equals_stock_model(tiny_cfg, tmp_path, base):
     common = ["lora.dropout=0.0", "model.attn_implementation=sdpa", *base]
@@ -183,6 +184,7 @@ def test_use_fused_ops_counts_and_leaves_llm_int8_lora_alone(tiny_cfg, tmp_path)
     assert swapped(bnb.model, patch._lora_forward) == 0 and swapped(bnb.model, patch._rmsnorm_forward) == 5
 
 
+@pytest.mark.slow
 def test_dropout_survives_checkpointing_and_is_off_in_eval(tiny_cfg, tmp_path):
     common = ["lora.dropout=0.3", "model.fused_ops=true", "model.attn_implementation=sdpa"]
     ckpt = build(tiny_cfg, tmp_path, "ckpt", *common, "model.gradient_checkpointing=true")
