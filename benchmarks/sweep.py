@@ -26,17 +26,9 @@ from medqa_loop.batching import accumulation_windows, epoch_order, window_batche
 from medqa_loop.config import load_config
 from medqa_loop.debug.profiling import report
 from medqa_loop.loop import backward_window, window_counts
-from medqa_loop.model import enable_checkpointing
+from medqa_loop.model import set_checkpointing
 from medqa_loop.optim import optimizer_step
 from medqa_loop.train import prepare_run
-
-
-def set_checkpointing(model, on: bool) -> None:
-    base = model.get_base_model()
-    if on:
-        enable_checkpointing(base)
-    else:
-        base.gradient_checkpointing_disable()
 
 
 def main() -> None:
@@ -48,6 +40,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", default="4096,8192,16384", help="row sizes with checkpointing")
     p.add_argument("--tokens-nogc", default="1024,2048,3072,4096", help="row sizes without")
+    p.add_argument("--checkpoint-layers", default="",
+                   help="checkpoint only this many decoder layers, each at the --tokens sizes (e.g. 24,16,8)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, as for medqa train")
     p.add_argument("--profile", type=int, default=0, help="profile one window at this row size")
     p.add_argument("--profile-gc", action="store_true", help="... with activation checkpointing")
@@ -69,44 +63,50 @@ def main() -> None:
     model.train()  # from_pretrained returns eval mode, where HF skips activation checkpointing
     lengths = [len(e["input_ids"]) for e in parts.train_examples]
     windows = accumulation_windows(epoch_order(len(lengths), cfg.seed, 0), 1, 16)
+    n_layers = parts.model.get_base_model().config.num_hidden_layers
+    plans = [(n_layers, a.tokens)] + [(int(k), a.tokens) for k in a.checkpoint_layers.split(",") if k] + [(0, a.tokens_nogc)]
     rows = []
-    for gc, budgets in ((True, a.tokens), (False, a.tokens_nogc)):
-        set_checkpointing(model, gc)
+    for layers, budgets in plans:
+        set_checkpointing(model.get_base_model(), layers)
+        gc = layers > 0
         for budget in [int(t) for t in budgets.split(",") if t]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            walls, launches, pairs, tokens = [], [], 0, 0
+            walls, launches, pairs, tokens, longest = [], [], 0, 0, 0
+            setting = {"tokens_per_micro_batch": budget, "checkpointing": gc, "checkpoint_layers": layers}
             try:
                 cfg.data.pack_tokens = budget
                 for w, window in enumerate(windows[: a.windows + 1]):
-                    wall, launched, counts, _ = optimizer_window(parts, cfg, window)
+                    wall, launched, counts, _, row_tokens = optimizer_window(parts, cfg, window)
+                    longest = max(longest, row_tokens)
                     if w:  # the first window warms up kernels and the allocator
                         walls.append(round(wall, 4))
                         launches.append(round(launched, 4))
                         pairs += int(counts[3])
                         tokens += int(counts[2])
-                row = {"tokens_per_micro_batch": budget, "checkpointing": gc, "samples_per_s": pairs / sum(walls),
-                       "tokens_per_s": tokens / sum(walls), "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+                row = {**setting, "samples_per_s": pairs / sum(walls), "tokens_per_s": tokens / sum(walls),
+                       "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "max_row_tokens": longest,
                        "window_s": walls, "launch_s": launches}
             except torch.OutOfMemoryError:
                 parts.optimizer.zero_grad(set_to_none=True)
-                row = {"tokens_per_micro_batch": budget, "checkpointing": gc, "oom": True}
+                row = {**setting, "oom": True}
             print(json.dumps(row), flush=True)
             rows.append(row)
     (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot(rows, out / "sweep.png", torch.cuda.get_device_name(0))
     if a.profile:
         cfg.data.pack_tokens = a.profile
-        set_checkpointing(model, a.profile_gc)
+        set_checkpointing(model.get_base_model(), n_layers if a.profile_gc else 0)
         profile_window(parts, cfg, windows[1], a.trace)
         if a.cprofile:
             cprofile_window(parts, cfg, windows[1])
 
 
-def optimizer_window(parts, cfg, window) -> tuple[float, float, torch.Tensor, int]:
+def optimizer_window(parts, cfg, window) -> tuple[float, float, torch.Tensor, int, int]:
     """One optimizer step over ``window`` as the loop makes it (micro-batches, backward, clip,
     step): (wall seconds, seconds until the CPU had queued all its GPU work, loop.window_counts,
-    micro-batches). Where the two are close, the CPU, not the GPU, sets the pace."""
+    micro-batches, tokens of the largest micro-batch). Where the first two are close, the CPU,
+    not the GPU, sets the pace."""
     acc, model = parts.accelerator, parts.model
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -116,7 +116,7 @@ def optimizer_window(parts, cfg, window) -> tuple[float, float, torch.Tensor, in
     optimizer_step(acc, parts.optimizer, [q for q in model.parameters() if q.requires_grad], cfg.train.max_grad_norm)
     launched = time.perf_counter() - t0
     torch.cuda.synchronize()
-    return time.perf_counter() - t0, launched, counts, len(batches)
+    return time.perf_counter() - t0, launched, counts, len(batches), max(b["input_ids"].numel() for b in batches)
 
 
 def profile_window(parts, cfg, window, trace: str | None = None) -> None:
@@ -125,7 +125,7 @@ def profile_window(parts, cfg, window, trace: str | None = None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall, _, _, micro_batches = optimizer_window(parts, cfg, window)
+        wall, _, _, micro_batches, _ = optimizer_window(parts, cfg, window)
     if trace:
         prof.export_chrome_trace(trace)
     print(report(prof, wall), flush=True)
@@ -139,7 +139,7 @@ def cprofile_window(parts, cfg, window) -> None:
 
     prof = cProfile.Profile()
     prof.enable()
-    wall, launched, _, _ = optimizer_window(parts, cfg, window)
+    wall, launched, _, _, _ = optimizer_window(parts, cfg, window)
     prof.disable()
     print(json.dumps({"cprofile_wall_s": wall, "cprofile_launch_s": launched}), flush=True)
     pstats.Stats(prof).sort_stats("tottime").print_stats(45)
@@ -152,9 +152,9 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4))
-    for gc, style in ((True, "o-"), (False, "s--")):
-        ok = [r for r in rows if r["checkpointing"] == gc and not r.get("oom")]
-        label = "checkpointing" if gc else "no checkpointing"
+    for layers in sorted({r.get("checkpoint_layers", 32 if r["checkpointing"] else 0) for r in rows}, reverse=True):
+        ok = [r for r in rows if r.get("checkpoint_layers", 32 if r["checkpointing"] else 0) == layers and not r.get("oom")]
+        label, style = (f"{layers} layers checkpointed", "o-") if layers else ("no checkpointing", "s--")
         mem.plot([r["tokens_per_micro_batch"] for r in ok], [r["peak_gb"] for r in ok], style, label=label)
         speed.plot([r["tokens_per_micro_batch"] for r in ok], [r["samples_per_s"] for r in ok], style, label=label)
     for gb in (16, 24):

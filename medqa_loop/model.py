@@ -133,24 +133,37 @@ def load_base(cfg: ModelConfig, source: str, device: torch.device):
     return model
 
 
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing: works with frozen inputs (no
-    enable_input_require_grads hack) and with no_sync/DDP. Newer transformers renamed the method
-    (5.17 has only the old name, later 5.x warn on it)."""
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's decoder layers (transformers' GradientCheckpointingLayer instances), in order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointing(model, layers: int) -> None:
+    """Non-reentrant activation checkpointing on the first ``layers`` decoder layers (0: none; all
+    of them: the usual full checkpointing). Non-reentrant works with frozen inputs (no
+    enable_input_require_grads hack) and with no_sync/DDP. Checkpointing fewer layers keeps
+    more activations and recomputes less: the memory plan (medqa_loop.memory) picks the number.
+    Newer transformers renamed the method (5.17 has only the old name, later 5.x warn on it)."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers switches every layer on; each layer reads its own flag.
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.gradient_checkpointing = i < layers
 
 
-def add_lora(model, lora: LoraSettings, gradient_checkpointing: bool, fused_ops: bool = False):
-    """Freeze the base and wrap it with trainable LoRA adapters (PEFT); with ``fused_ops`` run
-    LoRA linears, norms, MLPs and the rotary embedding through medqa_loop.kernels."""
+def add_lora(model, lora: LoraSettings, checkpoint_layers: int, fused_ops: bool = False):
+    """Freeze the base and wrap it with trainable LoRA adapters (PEFT), activation checkpointing
+    on its first ``checkpoint_layers`` decoder layers; with ``fused_ops`` run LoRA linears, norms,
+    MLPs and the rotary embedding through medqa_loop.kernels."""
     from peft import LoraConfig, get_peft_model
 
-    if gradient_checkpointing:
-        enable_checkpointing(model)
+    if checkpoint_layers > 0:
+        set_checkpointing(model, checkpoint_layers)
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=lora.r,

@@ -102,7 +102,8 @@ def prepare_run(
 
     set_seed(cfg.seed)  # LoRA init and dropout draw from here on
     base = M.load_base(cfg.model, source, accelerator.device)
-    model = M.add_lora(base, cfg.lora, cfg.model.gradient_checkpointing, cfg.model.fused_ops)
+    layers = base.config.num_hidden_layers if cfg.model.gradient_checkpointing else 0
+    model = M.add_lora(base, cfg.lora, layers, cfg.model.fused_ops)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
