@@ -101,12 +101,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _export_arguments(p: argparse.ArgumentParser) -> None:
-    from medqa_loop.export import EXPORT_DTYPES
+    from medqa_loop.config import DTYPE_NAMES
 
     p.add_argument("--adapter", required=True, help="adapter directory (e.g. runs/tiny/final)")
     p.add_argument("--out", required=True, help="directory for the merged model")
     p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
-    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="bfloat16")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 

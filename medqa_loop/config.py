@@ -28,6 +28,9 @@ EMBEDDED_DATASET = "embedded:sample_medqa"
 # the package holds as configs/ (a link in the source tree, the files themselves in a wheel).
 PRESETS = Path(__file__).parent / "configs"
 
+# The dtypes a model can be loaded, trained or exported in, by name.
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -285,7 +288,7 @@ def _validate(cfg: Config) -> None:
         ("data.batching", d.batching, ("pack", "group_by_length", "pad")),
         ("model.int8_matmul", m.int8_matmul, ("dequant", "bnb")),
         ("model.attn_implementation", m.attn_implementation, ("varlen", "sdpa", "eager", "flex_attention")),
-        ("model.dtype", m.dtype, ("float32", "bfloat16", "float16")),
+        ("model.dtype", m.dtype, DTYPE_NAMES),
         ("debug.nan_policy", cfg.debug.nan_policy, ("stop", "skip")),
     ):
         if value not in allowed:

@@ -167,7 +167,7 @@ def bos_prefix(tokenizer) -> list[int]:
 
 def encode_prompt(tokenizer, question: str, template: str) -> list[int]:
     """BOS + prompt tokens: what generation starts from. Equal to the first ``prompt_len``
-    tokens encode_pairs gives the same question (tests/test_generate.py checks it)."""
+    tokens encode_pairs gives the same question (tests/cli/test_generate.py checks it)."""
     text = format_prompt(question, template)
     return bos_prefix(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
 

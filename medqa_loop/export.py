@@ -6,7 +6,7 @@ The result (config.json, model.safetensors, tokenizer) loads with plain
 ``AutoModelForCausalLM.from_pretrained(out)``: no PEFT, no bitsandbytes. The base is loaded
 *unquantized* in the export dtype for the merge: adding B·A into int8 weights would round the
 sum back to int8 and lose most of the update. Logits then match base + adapter in the same dtype
-up to that dtype's rounding of W + B·A (tests/test_export.py states the tolerances).
+up to that dtype's rounding of W + B·A (tests/cli/test_export.py states the tolerances).
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ from pathlib import Path
 import torch
 
 from medqa_loop.checkpoint.adapter import adapter_tokenizer, check_adapter_fits, load_adapted_model, resolve_adapter
+from medqa_loop.config import DTYPE_NAMES
 
-# bfloat16 keeps fp32's range (the usual choice for Mistral); float16 has 3 more mantissa bits.
-# float32 gives a merge exact to fp32 rounding, at twice the size.
-EXPORT_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def export_merged(
     adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16",
     overwrite: bool = False,
 ) -> Path:
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
+    # bfloat16 keeps fp32's range (the usual choice for Mistral); float16 has 3 more mantissa
+    # bits; float32 gives a merge exact to fp32 rounding, at twice the size.
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {dtype!r}")
     src = resolve_adapter(adapter, base)
     out = Path(out).expanduser()
     if out.resolve() == src.path.resolve() or out.resolve() in src.path.resolve().parents:

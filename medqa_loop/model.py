@@ -7,7 +7,6 @@ keeps ``model.dtype``; only the LoRA matrices train.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,9 +16,6 @@ import torch
 from medqa_loop.kernels import attention
 from medqa_loop.batching import Batch
 from medqa_loop.config import EMBEDDED_TOKENIZER, LoraSettings, ModelConfig
-
-# LLM.int8 multiplies in fp16 by design; bitsandbytes logs a warning on every fp32 call saying so.
-logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

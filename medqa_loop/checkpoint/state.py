@@ -176,10 +176,10 @@ def find_state(output_dir: Path, resume: str, say: Callable = print) -> Path | N
             return path
         except StateError as e:
             problems.append(str(e))
-            say(f"medqa_loop: warning: {e}; trying an older state")
+            say(f"warning: {e}; trying an older state")
     if problems:
         raise StateError(f"no usable training state in {root}: " + "; ".join(problems))
-    say(f"medqa_loop: no training state in {root}; starting a new run")
+    say(f"no training state in {root}; starting a new run")
     return None
 
 
@@ -202,7 +202,7 @@ def _refuse_or_warn(path: Path, differences: list[str], force: bool, say: Callab
             f"cannot resume from {path}: the run would not be the one that was stopped ({listed}). "
             "Undo the change, or pass --force-resume to continue anyway."
         )
-    say(f"medqa_loop: warning: --force-resume: continuing {path} despite {listed}")
+    say(f"warning: --force-resume: continuing {path} despite {listed}")
 
 
 def check_config(path: Path, cfg: Config, num_processes: int, force: bool, say: Callable = print):
@@ -377,7 +377,7 @@ class StateSaver:
             self.signum = signum
             signal.signal(signum, previous[signum])
             print(
-                f"medqa_loop: {signal.Signals(signum).name}: finishing this step, then saving a "
+                f"medqa train: {signal.Signals(signum).name}: finishing this step, then saving a "
                 "training state (send it again to stop at once)",
                 file=sys.stderr, flush=True,
             )
