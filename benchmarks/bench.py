@@ -40,8 +40,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "medqa_loop_bnb_pack8k": ("int8", ["model.int8_matmul=bnb"]),
     # The defaults (configs/recipe.yaml as shipped): int8 weights cast per matmul, bf16, fused
     # LoRA/norm/SwiGLU ops, a window's 16 pairs packed into one row with varlen FlashAttention,
-    # activation checkpointing.
+    # activation checkpointing as the memory plan chooses (model.gradient_checkpointing: auto).
     "medqa_loop": ("int8", []),
+    # The same with every layer checkpointed (the defaults before the memory plan; ~13 GB).
+    "medqa_loop_checkpoint_all": ("int8", ["model.gradient_checkpointing=true"]),
     # Length-grouped dynamic padding instead of packing (4 pairs a micro-batch x GA 4).
     "medqa_loop_group4": ("int8", ["data.batching=group_by_length", "train.micro_batch_size=4",
                                    "train.grad_accum_steps=4"]),

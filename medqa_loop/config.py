@@ -54,7 +54,10 @@ class ModelConfig:
     # dtype of the frozen non-int8 parts (norms, embeddings, lm_head) and of the activations.
     # The recipe ran fp32; bf16 halves activation memory and matmul time (LoRA weights stay fp32).
     dtype: str = "bfloat16"
-    gradient_checkpointing: bool = True
+    # Activation checkpointing: "auto" = the memory plan (medqa_loop.memory) checkpoints the
+    # fewest decoder layers with which the run fits the GPU's free memory (on the CPU: all of
+    # them); true = every layer, false = none, N = the first N layers.
+    gradient_checkpointing: bool | int | str = "auto"
     # transformers attention kernel: "varlen" (FlashAttention over each packed pair alone,
     # medqa_loop.kernels.attention; padded batches use SDPA), "sdpa" (PyTorch's fused attention; packed
     # rows get a block-diagonal mask, computed in full), "eager", or "flex_attention" (compiled).
@@ -138,6 +141,15 @@ class TrainConfig:
     # op table per step under <output_dir>/profile/ (medqa_loop.debug.profiling). Recorded steps run
     # slower; the others are untouched.
     profile_steps: list[int] = field(default_factory=list)
+    # A step whose loss or gradient norm is not finite: "stop" (no update; save the state of the
+    # last good step; exit non-zero) or "skip" (drop that step's update, count it in metrics.jsonl).
+    nan_policy: str = "stop"
+    # Stop after this many evaluations in a row without a new lowest eval loss (best/ holds the
+    # adapter with the lowest); None = never.
+    early_stopping_patience: int | None = None
+    # Experiment trackers, through Accelerate (medqa_loop.trackers): any of tensorboard, wandb,
+    # mlflow, trackio, ... ; [] = none (metrics.jsonl is always written).
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -150,9 +162,6 @@ class DebugConfig:
     # Per traced step, each micro-batch's rows, loss and gradient contribution (costs a copy of
     # the LoRA gradients per micro-batch on traced steps only).
     attribution: bool = True
-    # On a non-finite loss or gradient: "stop" (save a repro bundle, raise) or "skip" (drop that
-    # step's update, count it; the first skipped step still gets a bundle).
-    nan_policy: str = "stop"
     # Optimizer steps after whose backward (before clipping) every hook in `hooks` is called.
     pause_at: list[int] = field(default_factory=list)
     # Hooks by import path, called as fn(step, model, batches); the default opens pdb.
@@ -187,8 +196,14 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(value, inner, key)
+        inner = [a for a in args if a is not type(None)]
+        for candidate in inner:  # in the order the annotation lists them
+            try:
+                return _check_type(value, candidate, key)
+            except ConfigError:
+                continue
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # YAML reads "1" as int; a float key accepts it
     if origin is list:
@@ -259,6 +274,7 @@ def _validate(cfg: Config) -> None:
         ("> 0 or null", lambda v: v is None or v > 0, {
             "train.max_steps": t.max_steps,
             "train.eval_max_batches": t.eval_max_batches,
+            "train.early_stopping_patience": t.early_stopping_patience,
             "train.save_every": t.save_every,
             "data.max_rows": d.max_rows,
         }),
@@ -289,10 +305,15 @@ def _validate(cfg: Config) -> None:
         ("model.int8_matmul", m.int8_matmul, ("dequant", "bnb")),
         ("model.attn_implementation", m.attn_implementation, ("varlen", "sdpa", "eager", "flex_attention")),
         ("model.dtype", m.dtype, DTYPE_NAMES),
-        ("debug.nan_policy", cfg.debug.nan_policy, ("stop", "skip")),
+        ("train.nan_policy", t.nan_policy, ("stop", "skip")),
     ):
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    gc = m.gradient_checkpointing
+    if isinstance(gc, str) and gc != "auto" or isinstance(gc, int) and not isinstance(gc, bool) and gc < 0:
+        raise ConfigError(
+            f"config key 'model.gradient_checkpointing' must be auto, true, false or a number of layers >= 0; got {gc!r}"
+        )
     if d.batching == "pack" and d.pack_tokens < d.max_length:
         raise ConfigError(
             f"config key 'data.pack_tokens' ({d.pack_tokens}) must be >= data.max_length "
@@ -362,8 +383,23 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+# Keys that moved: a config (or an older run's config.yaml) that sets the old one gets it moved.
+MOVED = {("debug", "nan_policy"): ("train", "nan_policy")}
+
+
+def _move_renamed(raw: dict) -> dict:
+    for (old_section, old), (new_section, new) in MOVED.items():
+        section = raw.get(old_section)
+        if isinstance(section, dict) and old in section:
+            value = section.pop(old)
+            target = raw.setdefault(new_section, {})
+            if isinstance(target, dict):
+                target.setdefault(new, value)
+    return raw
+
+
 def config_from_dict(raw: dict) -> Config:
-    cfg = _build(Config, raw or {}, "")
+    cfg = _build(Config, _move_renamed(raw or {}), "")
     _validate(cfg)
     return cfg
 

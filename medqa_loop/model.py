@@ -84,14 +84,14 @@ def build_random_base(cfg: ModelConfig, tokenizer, out_dir: Path, seed: int) -> 
     return out_dir
 
 
-def check_model_source(name: str, trust_remote_code: bool = False) -> None:
-    """Read only the model's config: a wrong path or unreachable hub fails before weights load."""
+def check_model_source(name: str, trust_remote_code: bool = False):
+    """The model's config, read alone: a wrong path or unreachable hub fails before weights load."""
     from transformers import AutoConfig
 
     if _looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
         raise ModelLoadError(f"model path {name} is not a model directory (no config.json)")
     try:
-        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise _hub_error("model", name, e) from e
 

@@ -64,6 +64,7 @@ def prepare_run(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from medqa_loop import memory
     from medqa_loop import model as M
     from medqa_loop.checkpoint import state as S
     from medqa_loop.distributed import check_processes
@@ -98,11 +99,14 @@ def prepare_run(
         if accelerator.is_main_process:
             M.build_random_base(cfg.model, tokenizer, Path(source), cfg.seed)
         accelerator.wait_for_everyone()
-    M.check_model_source(source, cfg.model.trust_remote_code)
+    model_config = M.check_model_source(source, cfg.model.trust_remote_code)
+    # The memory plan, before the base is loaded: how many layers to checkpoint.
+    layers, plan_record, plan_line = memory.plan(cfg, model_config, train_set.examples, accelerator.device, world)
+    say(plan_line)
+    data_stats.update(plan_record)
 
     set_seed(cfg.seed)  # LoRA init and dropout draw from here on
     base = M.load_base(cfg.model, source, accelerator.device)
-    layers = base.config.num_hidden_layers if cfg.model.gradient_checkpointing else 0
     model = M.add_lora(base, cfg.lora, layers, cfg.model.fused_ops)
     if accelerator.is_main_process:
         model.print_trainable_parameters()

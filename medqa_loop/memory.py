@@ -1,0 +1,190 @@
+"""The memory plan: how many decoder layers to checkpoint so that a run fits its GPU, chosen
+before the base is loaded (``model.gradient_checkpointing: auto``).
+
+Checkpointing a layer keeps only its input for backward and recomputes the rest, which costs
+about half a forward of that layer; a layer that is not checkpointed keeps its activations. The
+fastest plan is the one that checkpoints the fewest layers and still fits. A step's peak memory
+is, measured (FIGURES), linear in the tokens of its largest micro-batch T and in the number k of
+checkpointed layers out of L:
+
+    peak(T, k) = weights + overhead + T * (full * (L - k) / L + checkpointed * k / L)
+
+``weights`` (int8 or 16-bit base, LoRA, its gradients and AdamW's moments) is counted from the
+model's config; ``overhead`` (CUDA context, cuBLAS workspaces, the allocator's slack) and the
+per-token terms are fitted by least squares on FIGURES, a sweep of the 7B shapes
+(``benchmarks/sweep.py``). For other shapes the per-token terms scale with the layers' widths,
+an assumption the figures do not test. T comes from the data: the largest micro-batch any
+window of any epoch makes (``largest_micro_batch``), a pure function of the data order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medqa_loop.config import LORA_TARGETS
+
+# (checkpointed layers of 32, tokens of the largest micro-batch, peak GB): Mistral-7B shapes
+# (MistralConfig()), int8 base dequantized per matmul, bf16, LoRA r16 on all 7 projections,
+# fused ops, varlen attention, 16 pairs a window; `python benchmarks/sweep.py --out OUT
+# --tokens 2048,4096,8192,16384 --checkpoint-layers 24,16,8 --tokens-nogc 1024,2048,4096,8192,16384
+# --windows 2` on an H200, 2026-12-01 (BENCHMARKS.md, "The memory plan").
+FIGURES: list[tuple[int, int, float]] = [
+    (32, 2048, 9.72), (32, 4091, 11.04), (32, 7914, 12.87),
+    (24, 2048, 11.90), (24, 4091, 15.37), (24, 7914, 21.22),
+    (16, 2048, 14.07), (16, 4091, 19.70), (16, 7914, 29.57),
+    (8, 2048, 16.25), (8, 4091, 24.02), (8, 7914, 37.92),
+    (0, 1023, 13.37), (0, 2048, 18.42), (0, 4091, 28.34), (0, 7914, 46.20),
+]
+FITTED_ON = {"layers": 32, "hidden_size": 4096, "intermediate_size": 14336}
+MARGIN = 0.10  # of the free memory, left unplanned: fragmentation, evaluation, a longer row
+
+
+class MemoryPlanError(ValueError):
+    """The run does not fit the GPU even with every layer checkpointed; the message has the numbers."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    layers: int  # decoder layers to checkpoint (0: none)
+    estimate_gb: float  # the peak this plan is expected to reach
+    budget_gb: float  # what the plan had to fit in (free memory less the margin)
+    tokens: int  # the largest micro-batch it was planned for
+    reason: str  # one line: what was chosen and why
+
+
+def fit(figures: list[tuple[int, int, float]], layers: int) -> tuple[float, float, float]:
+    """(GB at no tokens, GB per 1k tokens with no layer checkpointed, GB per 1k tokens with all of
+    them checkpointed): least squares over ``figures``."""
+    import torch
+
+    x = torch.tensor(
+        [[1.0, t / 1e3 * (layers - k) / layers, t / 1e3 * k / layers] for k, t, _ in figures], dtype=torch.float64
+    )
+    y = torch.tensor([[gb] for _, _, gb in figures], dtype=torch.float64)
+    return tuple(torch.linalg.lstsq(x, y).solution.flatten().tolist())
+
+
+def weights_gb(config, lora_r: int, lora_targets: list[str], load_in_8bit: bool) -> float:
+    """What the model holds whatever the tokens: the frozen base (int8 projections, 16-bit
+    embeddings, lm_head and norms) and the LoRA matrices with their gradients and AdamW's two
+    moments (fp32: 16 bytes a parameter)."""
+    h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    shapes = {  # (in, out) of each projection
+        "q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim), "v_proj": (h, kv * head_dim),
+        "o_proj": (heads * head_dim, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+    }
+    linear = n * sum(a * b for a, b in shapes.values())
+    lora = n * sum(lora_r * (a + b) for name, (a, b) in shapes.items() if name in lora_targets)
+    embeddings = 2 * config.vocab_size * h  # embed_tokens and lm_head
+    base_bytes = linear * (1 if load_in_8bit else 2) + embeddings * 2
+    return (base_bytes + 16 * lora) / 1e9
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    overhead_gb: float
+    full_gb_per_ktok: float  # per 1k tokens, no layer checkpointed
+    checkpointed_gb_per_ktok: float  # per 1k tokens, every layer checkpointed
+    weights_gb: float
+    layers: int
+
+    def estimate_gb(self, tokens: int, checkpointed: int) -> float:
+        per_ktok = (
+            self.full_gb_per_ktok * (self.layers - checkpointed) + self.checkpointed_gb_per_ktok * checkpointed
+        ) / self.layers
+        return self.weights_gb + self.overhead_gb + tokens / 1e3 * per_ktok
+
+
+def memory_model(config, lora_r: int, lora_targets: list[str], load_in_8bit: bool) -> MemoryModel:
+    """The fitted model (FIGURES), moved to ``config``'s shapes."""
+    from types import SimpleNamespace
+
+    from transformers import MistralConfig
+
+    fitted = SimpleNamespace(**{**MistralConfig().to_dict(), "num_hidden_layers": FITTED_ON["layers"]})
+    at_zero, full, checkpointed = fit(FIGURES, FITTED_ON["layers"])
+    overhead = at_zero - weights_gb(fitted, 16, LORA_TARGETS, True)
+    width = config.num_hidden_layers * (config.hidden_size + config.intermediate_size)
+    scale = width / (FITTED_ON["layers"] * (FITTED_ON["hidden_size"] + FITTED_ON["intermediate_size"]))
+    return MemoryModel(
+        overhead, full * scale, checkpointed * scale,
+        weights_gb(config, lora_r, lora_targets, load_in_8bit), config.num_hidden_layers,
+    )
+
+
+
+def choose(model: MemoryModel, tokens: int, free_gb: float, margin: float = MARGIN) -> Plan:
+    """The plan that checkpoints the fewest layers and fits ``free_gb`` less the margin; raises
+    MemoryPlanError with the numbers when even checkpointing every layer does not fit."""
+    budget = free_gb * (1 - margin)
+    for layers in range(model.layers + 1):
+        estimate = model.estimate_gb(tokens, layers)
+        if estimate <= budget:
+            what = "no layer" if layers == 0 else f"{layers} of {model.layers} layers"
+            return Plan(
+                layers, estimate, budget, tokens,
+                f"memory plan: checkpoint {what} (estimated peak {estimate:.1f} GB for micro-batches of up to "
+                f"{tokens} tokens; {free_gb:.1f} GB free, {budget:.1f} GB planned with a {margin:.0%} margin)",
+            )
+    full = model.estimate_gb(tokens, model.layers)
+    raise MemoryPlanError(
+        f"the run does not fit this GPU: with every one of its {model.layers} layers checkpointed, micro-batches "
+        f"of up to {tokens} tokens need about {full:.1f} GB ({model.weights_gb:.1f} GB of weights), and "
+        f"{free_gb:.1f} GB are free ({budget:.1f} GB with the {margin:.0%} margin). Lower data.pack_tokens "
+        "(or train.micro_batch_size with padded batches), or data.max_length"
+    )
+
+
+def largest_micro_batch(examples: list[dict], cfg, world: int = 1) -> int:
+    """Tokens (padding included) of the largest micro-batch any process runs in any window of any
+    epoch: the order is a pure function of (seed, epoch), so this is known before training."""
+    from medqa_loop.batching import accumulation_windows, arrange_window, epoch_order
+
+    t, lengths, largest = cfg.train, [len(e["input_ids"]) for e in examples], 0
+    for epoch in range(t.epochs):
+        order = epoch_order(len(examples), cfg.seed, epoch)
+        for rank in range(world):
+            for window in accumulation_windows(order, t.micro_batch_size, t.grad_accum_steps, rank, world):
+                for mb in arrange_window(window, lengths, cfg.data.batching, t.micro_batch_size, cfg.data.pack_tokens):
+                    size = sum(lengths[i] for i in mb) if cfg.data.batching == "pack" else len(mb) * max(lengths[i] for i in mb)
+                    largest = max(largest, size)
+    return largest
+
+
+def plan(cfg, model_config, examples: list[dict], device, world: int = 1) -> tuple[int, dict, str]:
+    """(decoder layers to checkpoint, the plan's figures for metrics.jsonl, the start-up line),
+    for ``model.gradient_checkpointing``: true = every layer, false = none, N = the first N,
+    "auto" = ``choose`` on a GPU (its free memory now, before the base is loaded) and every layer
+    on the CPU, where memory is not the limit. Raises MemoryPlanError for an auto plan that does
+    not fit."""
+    import torch
+
+    n_layers, setting = model_config.num_hidden_layers, cfg.model.gradient_checkpointing
+    on_gpu = torch.device(device).type == "cuda"
+    if setting == "auto" and not on_gpu:
+        return n_layers, {"checkpoint_layers": n_layers}, f"memory plan: checkpoint all {n_layers} layers (on the CPU)"
+    if setting == "auto" or isinstance(setting, bool):
+        forced = None if setting == "auto" else (n_layers if setting else 0)
+    else:
+        forced = min(setting, n_layers)
+    if not on_gpu:
+        return forced, {"checkpoint_layers": forced}, f"memory plan: checkpoint {forced} of {n_layers} layers (model.gradient_checkpointing)"
+    model = memory_model(model_config, cfg.lora.r, cfg.lora.target_modules, cfg.model.load_in_8bit)
+    tokens = largest_micro_batch(examples, cfg, world)
+    free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
+    if forced is None:
+        chosen = choose(model, tokens, free_gb)
+        layers, line = chosen.layers, chosen.reason
+    else:
+        layers, estimate = forced, model.estimate_gb(tokens, forced)
+        line = (
+            f"memory plan: checkpoint {forced} of {n_layers} layers (model.gradient_checkpointing); estimated peak "
+            f"{estimate:.1f} GB for micro-batches of up to {tokens} tokens, {free_gb:.1f} GB free"
+        )
+    record = {
+        "checkpoint_layers": layers, "memory_estimate_gb": round(model.estimate_gb(tokens, layers), 2),
+        "memory_free_gb": round(free_gb, 2), "largest_micro_batch_tokens": tokens,
+    }
+    return layers, record, line
