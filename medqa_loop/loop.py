@@ -175,10 +175,10 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                 # reading it here would idle the GPU while the CPU queues them.
                 mean_loss = accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)
 
-                # 4. debug mode: user hooks and the NaN/inf guard (debug.nan_policy=stop raises);
+                # 4. debug mode: user hooks and the NaN/inf guard (train.nan_policy=stop raises);
                 # then the update.
                 skip = debugger.before_clip(step + 1, model, batches, mean_loss) if debugger is not None else None
-                if skip is not None:  # debug.nan_policy=skip: this step applies no update
+                if skip is not None:  # train.nan_policy=skip: this step applies no update
                     accelerator.print(f"debug: {skip.message}")
                     for p in params:
                         p.grad = None  # AdamW leaves parameters without a gradient alone: no decay either

@@ -6,7 +6,7 @@ With ``debug.enabled=true`` the loop calls a ``GradientDebugger`` at three point
                          callback (gradient attribution, which micro-batch a non-finite came from)
   before_clip(...)       after backward, before clipping: the snapshot (``debug.snapshot_steps``),
                          the user hooks (``debug.pause_at``), the NaN/inf guard, per-module norms.
-                         A non-finite step raises NonFiniteError (``debug.nan_policy=stop``) or is
+                         A non-finite step raises NonFiniteError (``train.nan_policy=stop``) or is
                          returned as a ``NonFinite`` for the loop to skip
   after_step(...)        after the optimizer step: the ``grad_trace.jsonl`` line
 
@@ -44,7 +44,7 @@ class NonFiniteError(ValueError):
 
 @dataclass
 class NonFinite:
-    """A non-finite step the loop is to skip (``debug.nan_policy=skip``)."""
+    """A non-finite step the loop is to skip (``train.nan_policy=skip``)."""
 
     message: str  # where it was found, and where its bundle went
     grad_norm: float  # the global gradient norm before the skip (inf or nan)
@@ -73,6 +73,7 @@ class GradientDebugger:
         self.out = Path(out_dir) if out_dir is not None else None
         self.guard = guard
         self.max_grad_norm = cfg.train.max_grad_norm
+        self.nan_policy = cfg.train.nan_policy
         self.hooks = [load_callable(spec, "hook") for spec in self.cfg.hooks]
         unwrapped = accelerator.unwrap_model(model)
         self.params = trainable(unwrapped)
@@ -244,7 +245,7 @@ class GradientDebugger:
         if forward is not None:
             text += f"; first non-finite LoRA output (forward): {_describe(info['forward'])}"
         text += f"; first non-finite LoRA gradient (backward): {_describe(info['backward'])}"
-        if self.cfg.nan_policy == "stop":
+        if self.nan_policy == "stop":
             path = self._save_bundle(step, batches, loss, "non-finite", info)
             raise NonFiniteError(
                 f"{text}. Stopped before the optimizer step; state, window and gradients saved in "
