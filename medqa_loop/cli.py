@@ -160,8 +160,8 @@ def _plot_arguments(p: argparse.ArgumentParser) -> None:
 def _plot(args: argparse.Namespace) -> int:
     from medqa_loop.debug.plot import plot_run
 
-    path, _ = plot_run(args.run_dir, args.out)
-    print(f"wrote {path}")
+    for path in plot_run(args.run_dir, args.out).files:  # training.png, and gradients.png for a traced run
+        print(f"wrote {path}")
     return 0
 
 
@@ -172,7 +172,7 @@ COMMANDS = {
     "export": ("merge an adapter into a 16-bit copy of its base: a plain transformers model", _export_arguments, _export),
     "replay": ("recompute one optimizer step of a run and print its per-module gradients", _replay_arguments, _replay),
     "selftest": ("check that gradient accumulation equals one batch of the same pairs", _selftest_arguments, _selftest),
-    "plot": ("draw a run's loss, lr, grad norm and clip coefficient", _plot_arguments, _plot),
+    "plot": ("draw a run's loss, lr, grad norm, clip coefficient; a traced run's gradient heatmaps", _plot_arguments, _plot),
 }
 
 

@@ -139,7 +139,7 @@ def _heatmap(fig, ax, cax, values, label: str, title: str) -> None:
     image = ax.imshow(shown, aspect="auto", interpolation="nearest", cmap=cmap, vmin=lo, vmax=hi)
     fig.colorbar(image, cax=cax, extend="both", label=label)
     r, c = np.nonzero(np.isposinf(logs))  # a marker too: one cell of hundreds is easy to miss
-    ax.plot([], [], "x", color="black", markersize=7, markeredgewidth=1.5, linestyle="none")
+    ax.plot(c, r, "x", color="black", markersize=7, markeredgewidth=1.5, linestyle="none")
     ax.set_title(title, fontsize=9)
 
 
