@@ -112,8 +112,8 @@ def optimizer_window(parts, cfg, window) -> tuple[float, float, torch.Tensor, in
     t0 = time.perf_counter()
     batches = window_batches(window, parts.train_examples, cfg, parts.collate_fn, acc.device)
     counts = window_counts(acc, batches)
-    backward_window(acc, model, batches, counts[0])
-    optimizer_step(acc, parts.optimizer, [q for q in model.parameters() if q.requires_grad], cfg.train.max_grad_norm)
+    loss = backward_window(acc, model, batches, counts[0]) / counts[0]
+    optimizer_step(acc, parts.optimizer, [q for q in model.parameters() if q.requires_grad], cfg.train.max_grad_norm, loss)
     launched = time.perf_counter() - t0
     torch.cuda.synchronize()
     return time.perf_counter() - t0, launched, counts, len(batches), max(b["input_ids"].numel() for b in batches)

@@ -11,8 +11,9 @@
 runs ``medqa train`` under Accelerate's launcher (one GPU or many). Every sub-command ends the
 same way: 0 on success; a wrong argument, config key, path, row or adapter is one line
 ``medqa <command>: error: ...`` on stderr and exit 2, raised before any model weights are read
-where it can be known then; a training run stopped by SIGTERM/SIGINT saves a state and exits
-128 + the signal number, saying how to resume.
+where it can be known then; a training run stopped by a non-finite step (``train.nan_policy:
+stop``) exits 3, by SIGTERM/SIGINT 128 + the signal number, each having saved a state and saying
+how to resume.
 
 Heavy imports (torch, transformers) happen inside the sub-commands, so ``medqa --help`` is quick.
 """
@@ -196,10 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     _, _, command = COMMANDS[args.command]
     from medqa_loop.checkpoint.state import Interrupted
+    from medqa_loop.loop import NonFiniteError
     from medqa_loop.model import ModelLoadError
 
     try:
         code = command(args)
+    except NonFiniteError as e:  # the run diverged: not a usage error
+        print(f"medqa {args.command}: stopped: {e}", file=sys.stderr)
+        sys.exit(3)
     # The project's errors are ValueErrors (ConfigError, DataError, AdapterError, StateError,
     # LaunchError, NonFiniteError...) or a ModelLoadError; each message names what is wrong.
     except (ValueError, ModelLoadError) as e:

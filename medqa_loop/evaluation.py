@@ -13,6 +13,30 @@ from medqa_loop.losses import target_weight, token_accuracy_counts, weighted_los
 from medqa_loop.model import model_logits
 
 
+@dataclass(frozen=True)
+class Best:
+    """The lowest eval loss so far, its step, and the evaluations since it (early stopping's
+    count). The sanity eval at step 0 is partial and never counts."""
+
+    loss: float = float("inf")
+    step: int | None = None
+    stale: int = 0
+
+    def after(self, step: int, loss: float) -> "Best":
+        if loss < self.loss:
+            return Best(loss, step, 0)
+        return Best(self.loss, self.step, self.stale + 1)
+
+
+def best_so_far(records: list[dict]) -> Best:
+    """``Best`` from metrics.jsonl's evaluation lines: how a resumed run knows it."""
+    best = Best()
+    for r in records:
+        if "eval_loss" in r and r["step"] > 0:
+            best = best.after(r["step"], r["eval_loss"])
+    return best
+
+
 @dataclass
 class EvalResult:
     loss: float  # summed token loss / summed weight

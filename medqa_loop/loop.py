@@ -12,10 +12,13 @@ One optimizer step = one accumulation window of ``grad_accum_steps`` micro-batch
      factor ``world``; the result is exactly d(mean token loss over the window)/d(params),
      however the tokens fall into micro-batches and processes. A mean of micro-batch means
      would over-weight short answers.
-  4. debug mode only: user hooks and the NaN/inf guard (which stops the run, or makes the loop
-     drop this step's gradients); then clip, optimizer step, zero_grad (optim.optimizer_step)
-  5. log; every ``eval_every`` steps evaluate (then sample answers, if asked); at each epoch end
-     evaluate and save the adapter
+  4. clip, optimizer step, zero_grad (optim.optimizer_step); a step whose loss or gradient norm
+     is not finite applies no update, then stops the run with the state of the last good step
+     (``train.nan_policy: stop``) or is counted and passed over (``skip``). Debug mode adds, just
+     before, user hooks and where the non-finite value was born (medqa_loop.debug.trace)
+  5. log; every ``eval_every`` steps and at each epoch end evaluate (then sample answers, if
+     asked), keep the adapter with the lowest eval loss in best/, stop early if asked; at each
+     epoch end save the adapter
   6. save a resumable training state when one is due; a SIGTERM/SIGINT received during the step
      stops the run here, after that save
 
@@ -30,18 +33,19 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from medqa_loop.batching import Batch, accumulation_windows, epoch_order, run_steps, window_batches, zero_weight_batch
-from medqa_loop.checkpoint.adapter import save_adapter
-from medqa_loop.checkpoint.state import Interrupted, Position, StateSaver
+from medqa_loop.checkpoint.adapter import save_adapter, save_best_adapter
+from medqa_loop.checkpoint.state import Interrupted, Position, StateSaver, rng_state
 from medqa_loop.config import Config
-from medqa_loop.evaluation import evaluate
+from medqa_loop.evaluation import Best, best_so_far, evaluate
 from medqa_loop.losses import target_tokens, target_weight, weighted_loss_sum
-from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity
+from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity, read_metrics
 from medqa_loop.model import model_logits
 from medqa_loop.optim import lr_at, optimizer_step, schedule_warnings, set_lr
 
@@ -115,11 +119,12 @@ def backward_window(
 
 
 def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
-    """Run the configured epochs (or ``train.max_steps``); return the last logged values.
+    """Run the configured epochs (or ``train.max_steps``, or until early stopping); return the
+    last logged values.
 
     ``run.start`` is where a resumed run stands (its model, optimizer and RNGs already restored):
     the windows before it are skipped, not replayed, since the data order is a pure function of
-    (seed, epoch).
+    (seed, epoch); the best eval loss so far is read back from metrics.jsonl.
     """
     t = cfg.train
     accelerator, model, optimizer, examples = run.accelerator, run.model, run.optimizer, run.train_examples
@@ -129,6 +134,8 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
     debugger = hooks.debugger
     for message in schedule_warnings(t, total_steps):
         accelerator.print(f"warning: {message}")
+    best = best_so_far(read_metrics(hooks.log.path)) if run.start.step and hooks.log.path.is_file() else Best()
+    skipped = 0  # non-finite steps whose update was dropped (train.nan_policy=skip)
 
     def run_eval(step: int, epoch: float, max_batches: int | None = t.eval_max_batches) -> float:
         r = evaluate(accelerator, model, run.val_examples, run.collate_fn, t.eval_batch_size, max_batches)
@@ -136,12 +143,15 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
             step=step, epoch=round(epoch, 4), eval_loss=r.loss, eval_ppl=perplexity(r.loss),
             eval_token_acc=r.token_acc,
         )
+        if accelerator.is_main_process:  # above the progress bar, not in it
+            tqdm.write(f"step {step}: eval loss {r.loss:.4f}, perplexity {perplexity(r.loss):.2f}, token accuracy {r.token_acc:.3f}")
         if hooks.sample_answers is not None:
             hooks.sample_answers(step)
         return r.loss
 
     # A short eval before the first step: a broken eval path or a NaN model fails in seconds,
-    # not after the first eval_every steps; it also records the starting loss.
+    # not after the first eval_every steps; it also records the starting loss. Partial, so it
+    # never counts as the best.
     step = run.start.step
     if hooks.profiler is not None:
         hooks.profiler.start(step + 1)  # step 1's recording includes the sanity eval
@@ -150,7 +160,8 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
         last["eval_loss"] = run_eval(0, 0.0, t.sanity_eval_batches)
 
     model.train()
-    # A context manager, so that a run stopped by an exception (NaN guard, signal) closes its bar.
+    stop_early = False
+    # A context manager, so that a run stopped by an exception (non-finite step, signal) closes its bar.
     with tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train") as bar:
         for epoch in range(run.start.epoch, t.epochs):
             order = epoch_order(len(examples), cfg.seed, epoch)
@@ -163,6 +174,7 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                 started = time.perf_counter()
                 lr = lr_at(step, t.lr, t.warmup_steps, total_steps)
                 set_lr(optimizer, lr)
+                rng = rng_state()  # a non-finite step's state is saved as it was before its window
 
                 # 2.-3. the window: its counts first, then forward and backward per micro-batch
                 batches = window_batches(window, examples, cfg, run.collate_fn, accelerator.device)
@@ -171,22 +183,26 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                     batches = [zero_weight_batch(examples[0], run.collate_fn, accelerator.device)]
                 watch = debugger.watch(step + 1) if debugger is not None else None
                 loss_sum = backward_window(accelerator, model, batches, counts[0], watch)
-                # The window's mean token loss stays on the GPU until clip and step are queued:
-                # reading it here would idle the GPU while the CPU queues them.
                 mean_loss = accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)
 
-                # 4. debug mode: user hooks and the NaN/inf guard (train.nan_policy=stop raises);
-                # then the update.
-                skip = debugger.before_clip(step + 1, model, batches, mean_loss) if debugger is not None else None
-                if skip is not None:  # train.nan_policy=skip: this step applies no update
-                    accelerator.print(f"debug: {skip.message}")
-                    for p in params:
-                        p.grad = None  # AdamW leaves parameters without a gradient alone: no decay either
-                grad_norm = optimizer_step(accelerator, optimizer, params, t.max_grad_norm)
+                # 4. debug mode: user hooks, snapshots, where a non-finite value was born; then the
+                # update, which AdamW drops on the device if the loss or the gradient norm is not
+                # finite. Only then the step's one wait for the GPU: reading the loss earlier would
+                # idle the GPU while the CPU queues clip and step.
+                found = debugger.before_clip(step + 1, model, batches, mean_loss) if debugger is not None else None
+                grad_norm, finite = optimizer_step(accelerator, optimizer, params, t.max_grad_norm, mean_loss)
+                loss, grad_norm, finite = torch.stack([mean_loss.double(), grad_norm.double(), finite.double()]).tolist()
                 step += 1
-                loss = mean_loss.item()  # the step's one wait for the GPU
+                if not finite:  # no update was applied
+                    problem = non_finite_message(step, loss, grad_norm, batches, found)
+                    if t.nan_policy == "stop":
+                        last_good = Position.after(step - 1, epoch, window_index, len(windows))
+                        saved = hooks.states.save(last_good, rng) if hooks.states is not None else None
+                        raise NonFiniteError(step, problem, saved)
+                    skipped += 1
+                    accelerator.print(f"warning: {problem}; its update was skipped ({skipped} so far, train.nan_policy=skip)")
 
-                # 5. log, evaluate, the epoch's adapter
+                # 5. log, evaluate (the best adapter, early stopping), the epoch's adapter
                 elapsed = time.perf_counter() - started
                 epoch_pos = epoch + (window_index + 1) / len(windows)
                 last = {
@@ -194,8 +210,7 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                     "epoch": round(epoch_pos, 4),
                     "loss": loss,
                     "lr": lr,
-                    # A skipped step's gradients were dropped before clipping: log what they were.
-                    "grad_norm": float(grad_norm) if skip is None else skip.grad_norm,
+                    "grad_norm": grad_norm,
                     "target_tokens": int(counts[1]),
                     "tokens_per_s": counts[2].item() / elapsed,
                     "samples_per_s": counts[3].item() / elapsed,
@@ -203,21 +218,27 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                 }
                 if (peak := peak_memory_gb(accelerator.device)) is not None:
                     last["peak_gb"] = peak
-                if skip is not None:
-                    last["skipped_nonfinite"] = debugger.skipped
+                if not finite:
+                    last["skipped_nonfinite"] = skipped
                 if debugger is not None:
-                    debugger.after_step(step, last, skipped=skip is not None)  # the grad_trace.jsonl line
+                    debugger.after_step(step, last, skipped=not finite)  # the grad_trace.jsonl line
                 hooks.log.write(**last)
                 bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{last['grad_norm']:.3f}",
-                    tok_s=f"{last['tokens_per_s']:.0f}",
-                )
-                if window_index == len(windows) - 1:
-                    last["eval_loss"] = run_eval(step, epoch + 1.0)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+                epoch_end = window_index == len(windows) - 1
+                if epoch_end or step % t.eval_every == 0:
+                    last["eval_loss"] = run_eval(step, epoch + 1.0 if epoch_end else epoch_pos)
+                    best = best.after(step, last["eval_loss"])
+                    if best.step == step:
+                        save_best_adapter(accelerator, model, run.out, run.tokenizer, step, best.loss)
+                    stop_early = t.early_stopping_patience is not None and best.stale >= t.early_stopping_patience
+                    if stop_early:
+                        accelerator.print(
+                            f"early stopping at step {step}: {best.stale} evaluations without a lower eval loss "
+                            f"than {best.loss:.4f} (step {best.step}, in {run.out / 'best'})"
+                        )
+                if epoch_end:
                     save_adapter(accelerator, model, run.out / f"epoch-{epoch + 1}", run.tokenizer)
-                elif step % t.eval_every == 0:
-                    last["eval_loss"] = run_eval(step, epoch_pos)
 
                 # 6. a training state when due; a signal received during the step stops here
                 if hooks.profiler is not None:
@@ -225,13 +246,36 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                 if hooks.states is not None:
                     position = Position.after(step, epoch, window_index + 1, len(windows))
                     signum = hooks.states.signal_received()
-                    if signum or hooks.states.due(position, last=step >= total_steps):
+                    if signum or hooks.states.due(position, last=step >= total_steps or stop_early):
                         saved = hooks.states.save(position)
                         if signum:
                             raise Interrupted(signum, step, saved)
                 if hooks.profiler is not None:
                     hooks.profiler.start(step + 1)
-            if step >= total_steps:
+                if stop_early:
+                    break
+            if step >= total_steps or stop_early:
                 break
     save_adapter(accelerator, model, run.out / "final", run.tokenizer)
     return last
+
+
+class NonFiniteError(ValueError):
+    """A step's loss or gradient norm was not finite (train.nan_policy=stop): no update was
+    applied, and the state of the last good step was saved."""
+
+    def __init__(self, step: int, problem: str, saved: Path | None):
+        self.step, self.saved = step, saved
+        resume = (
+            f"; the state of the last good step is in {saved}: resume with --resume auto (after lowering "
+            "train.lr or train.max_grad_norm, with --force-resume)" if saved is not None else ""
+        )
+        super().__init__(f"{problem}. Stopped before its update{resume}")
+
+
+def non_finite_message(step: int, loss: float, grad_norm: float, batches: list[Batch], found) -> str:
+    """What went wrong at ``step``: the loss, the gradient norm, the window's rows (this
+    process's), and in debug mode where it was found (``GradientDebugger.before_clip``)."""
+    rows = sorted(r for b in batches for r in b["rows"].tolist())
+    text = f"non-finite step {step}: loss {loss}, gradient norm {grad_norm}, the window's dataset rows {rows}"
+    return text if found is None else f"{text}; {found.message}"

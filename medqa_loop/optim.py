@@ -37,11 +37,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> t
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    # On CUDA the fused implementation: the whole update in a few kernel launches, where the
-    # default (foreach) makes a dozen multi-tensor passes per group, on the CPU's time that a
-    # 7B step is short of (BENCHMARKS.md). Same maths, same state dict.
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
+    # The fused implementation, on CUDA and the CPU alike: the whole update in a few kernel
+    # launches, where the default (foreach) makes a dozen multi-tensor passes per group, on the
+    # CPU time that a 7B step is short of (BENCHMARKS.md); and it takes ``found_inf``, which lets
+    # optimizer_step drop a non-finite update without waiting for the GPU. Same state dict.
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=True)
 
 
 def clip_limit(max_grad_norm: float) -> float:
@@ -61,13 +61,22 @@ def clip_gradients(accelerator, params: list[torch.nn.Parameter], max_grad_norm:
     return accelerator.clip_grad_norm_(params, clip_limit(max_grad_norm))
 
 
-def optimizer_step(accelerator, optimizer, params: list[torch.nn.Parameter], max_grad_norm: float) -> torch.Tensor:
+def optimizer_step(
+    accelerator, optimizer, params: list[torch.nn.Parameter], max_grad_norm: float, loss: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The update, after a window's backward: clip, AdamW step, drop the gradients. Returns the
-    pre-clip norm. The loop, replay and the benchmarks step through this one function."""
+    pre-clip norm and whether the step was finite, as device tensors: nothing here waits for the
+    GPU. A step whose ``loss`` or gradient norm is not finite applies no update at all (no
+    decay, no moment update, AdamW's step count unchanged): fused AdamW skips it on the device
+    when its ``found_inf`` is 1, as it does for GradScaler. The loop, replay and the benchmarks
+    step through this one function."""
     grad_norm = clip_gradients(accelerator, params, max_grad_norm)
+    finite = torch.isfinite(grad_norm) & torch.isfinite(loss)
+    adamw = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+    adamw.found_inf = (~finite).to(torch.float32)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, finite
 
 
 def schedule_warnings(train_cfg, total_steps: int) -> list[str]:

@@ -52,11 +52,11 @@ def test_clip_limit_and_coef_read_zero_as_no_clipping():
 
 def sgd_with_gradient(grad_norm: float):
     """A 2x3 weight under plain SGD at lr 1 (the update is then minus the clipped gradient) with a
-    gradient of the given norm."""
+    gradient of the given norm; fused, which takes found_inf as the loop's fused AdamW does."""
     w = torch.nn.Parameter(torch.ones(2, 3))
     g = torch.arange(1.0, 7.0).view(2, 3)
     w.grad = g * (grad_norm / g.norm())
-    return w, w.grad.clone(), torch.optim.SGD([w], lr=1.0)
+    return w, w.grad.clone(), torch.optim.SGD([w], lr=1.0, fused=True)
 
 
 @pytest.mark.parametrize("max_grad_norm, applied", [(0.5, 0.5), (0.0, 4.0), (10.0, 4.0)])
@@ -67,8 +67,8 @@ def test_optimizer_step_clips_steps_and_drops_the_gradients(max_grad_norm, appli
 
     w, grad, opt = sgd_with_gradient(4.0)
     before = w.detach().clone()
-    returned = optimizer_step(Accelerator(), opt, [w], max_grad_norm)
-    assert float(returned) == pytest.approx(4.0, rel=1e-6)  # the pre-clip norm
+    returned, finite = optimizer_step(Accelerator(), opt, [w], max_grad_norm, torch.tensor(1.0))
+    assert float(returned) == pytest.approx(4.0, rel=1e-6) and bool(finite)  # the pre-clip norm
     update = before - w.detach()
     assert float(update.norm()) == pytest.approx(applied, rel=1e-5)
     assert torch.allclose(update, grad * (applied / 4.0), rtol=1e-5)  # the direction is the gradient's
@@ -91,3 +91,31 @@ def test_schedule_warnings_thresholds():
     assert any("31%" in w for w in schedule_warnings(TrainConfig(warmup_steps=200), 651))
     evals = schedule_warnings(TrainConfig(warmup_steps=0, eval_every=50), 60)
     assert len(evals) == 1 and "evaluates 1 time(s) in the run's 60 optimizer steps" in evals[0]
+
+
+@pytest.mark.parametrize("bad", ["loss", "gradient"])
+def test_a_non_finite_step_applies_no_update_at_all(bad):
+    """A NaN loss or an inf gradient: AdamW leaves every weight, moment and step count as they
+    were (no decay either), with no wait for the device in optimizer_step; the next finite step
+    updates as a fresh optimizer would."""
+    from accelerate import Accelerator
+
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, lr=0.1, weight_decay=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, float("inf") if bad == "gradient" else 1.0)
+    loss = torch.tensor(float("nan") if bad == "loss" else 1.0)
+    grad_norm, finite = optimizer_step(Accelerator(), opt, params, 0.3, loss)
+    assert not bool(finite) and all(torch.equal(b, p) for b, p in zip(before, params))
+    assert all(int(s["step"]) == 0 and not s["exp_avg"].any() for s in opt.state.values())
+
+    fresh_model = torch.nn.Linear(3, 2)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = build_optimizer(fresh_model, lr=0.1, weight_decay=0.1)
+    for p, q in zip(params, fresh_model.parameters()):
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    optimizer_step(Accelerator(), opt, params, 0.3, torch.tensor(1.0))
+    optimizer_step(Accelerator(), fresh, list(fresh_model.parameters()), 0.3, torch.tensor(1.0))
+    assert all(torch.equal(p, q) for p, q in zip(params, fresh_model.parameters()))

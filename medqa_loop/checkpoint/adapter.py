@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,30 @@ class AdapterSource:
     base: str  # where the base is loaded from
     recorded_base: str | None  # adapter_config.json's base_model_name_or_path
     run: Config  # the run's config.yaml, or the defaults when the adapter has none beside it
+
+
+BEST = "best"
+
+
+def save_best_adapter(accelerator, model, out: Path, tokenizer, step: int, eval_loss: float) -> Path:
+    """``<out>/best/``: the adapter with the lowest eval loss so far, with ``best.json`` ({step,
+    eval_loss}) inside. Written beside it and swapped in by renames, so best/ is always a whole
+    adapter: a crash between the two renames leaves it as ``.old-best``, put back by the next call."""
+    best, tmp, old = out / BEST, out / f".tmp-{BEST}", out / f".old-{BEST}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.is_dir() and not best.exists():
+            old.rename(best)
+        shutil.rmtree(old, ignore_errors=True)
+    save_adapter(accelerator, model, tmp, tokenizer)  # waits for every process
+    if accelerator.is_main_process:
+        (tmp / "best.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
+        if best.exists():
+            best.rename(old)
+        tmp.rename(best)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return best
 
 
 def resolve_adapter(path: str | Path, base: str | None = None) -> AdapterSource:

@@ -28,6 +28,7 @@ import yaml
 
 from medqa_loop.batching import accumulation_windows, epoch_order, steps_per_epoch, window_batches
 from medqa_loop.checkpoint.saved import find_saved, read_saved
+from medqa_loop.checkpoint.state import set_rng_state
 from medqa_loop.config import Config, ConfigError, DebugConfig, config_from_dict
 from medqa_loop.data import load_pairs, split_pairs
 from medqa_loop.debug.trace import GradientDebugger, format_table
@@ -126,9 +127,7 @@ def replay(run_dir: str | Path, step: int, checkpoint: str | Path | None = None,
     if saved.optimizer is not None:
         parts.optimizer.load_state_dict(saved.optimizer)
     if saved.rng is not None and not fresh_dropout:
-        torch.set_rng_state(saved.rng["cpu"])
-        if saved.rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved.rng["cuda"])
+        set_rng_state({"cpu": saved.rng["cpu"], "cuda": saved.rng["cuda"] if torch.cuda.is_available() else []})
     elif saved.rng is None and cfg.lora.dropout > 0:
         notes.append(f"{saved.path} holds no RNG state: LoRA dropout {cfg.lora.dropout} draws other masks than the run did")
     if fresh_dropout and cfg.lora.dropout > 0:
@@ -148,7 +147,7 @@ def replay(run_dir: str | Path, step: int, checkpoint: str | Path | None = None,
     set_lr(parts.optimizer, lr)
     params = list(debugger.params.values())
     if saved.optimizer is not None:
-        grad_norm = optimizer_step(accelerator, parts.optimizer, params, t.max_grad_norm)
+        grad_norm, _ = optimizer_step(accelerator, parts.optimizer, params, t.max_grad_norm, torch.tensor(loss))
     else:
         grad_norm = clip_gradients(accelerator, params, t.max_grad_norm)
     debugger.after_step(step, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "target_tokens": int(counts[1])})

@@ -5,9 +5,10 @@ With ``debug.enabled=true`` the loop calls a ``GradientDebugger`` at three point
   watch(step)            before the window's backward; returns backward_window's per-micro-batch
                          callback (gradient attribution, which micro-batch a non-finite came from)
   before_clip(...)       after backward, before clipping: the snapshot (``debug.snapshot_steps``),
-                         the user hooks (``debug.pause_at``), the NaN/inf guard, per-module norms.
-                         A non-finite step raises NonFiniteError (``train.nan_policy=stop``) or is
-                         returned as a ``NonFinite`` for the loop to skip
+                         the user hooks (``debug.pause_at``), per-module norms; for a non-finite
+                         step, which LoRA output and gradient went non-finite first (a NonFinite
+                         the loop adds to its message) and a bundle. The loop's own check stops
+                         or skips the step (``train.nan_policy``), debugging on or off
   after_step(...)        after the optimizer step: the ``grad_trace.jsonl`` line
 
 With debugging off the loop has no debugger and calls nothing.
@@ -30,6 +31,7 @@ import torch
 
 from medqa_loop.batching import Batch
 from medqa_loop.checkpoint.bundle import write_bundle
+from medqa_loop.checkpoint.state import rng_state
 from medqa_loop.debug.int8 import Int8Outliers
 from medqa_loop.losses import target_tokens, target_weight
 from medqa_loop.model import module_name, trainable
@@ -38,16 +40,11 @@ from medqa_loop.optim import clip_coef
 MicroBatchCallback = Callable[[int, Batch, torch.Tensor], None]
 
 
-class NonFiniteError(ValueError):
-    """A non-finite loss or gradient stopped the run; the message says where and what was saved."""
-
-
 @dataclass
 class NonFinite:
-    """A non-finite step the loop is to skip (``train.nan_policy=skip``)."""
+    """Where a non-finite step's values went non-finite, for the loop's message."""
 
-    message: str  # where it was found, and where its bundle went
-    grad_norm: float  # the global gradient norm before the skip (inf or nan)
+    message: str  # the first LoRA output and gradient that did, and where the bundle went
 
 
 def pdb_hook(step: int, model, batches: list[Batch]) -> None:
@@ -60,10 +57,10 @@ def pdb_hook(step: int, model, batches: list[Batch]) -> None:
 
 
 class GradientDebugger:
-    """Trace, attribution, NaN/inf guard, pause hooks and snapshots (see the module docstring).
+    """Trace, attribution, where a NaN/inf was born, pause hooks and snapshots (module docstring).
 
     ``out_dir`` None writes no trace and no bundles (replay keeps the trace in ``last_trace``);
-    ``guard`` False lets non-finite steps through (replay shows them instead of stopping).
+    ``guard`` False looks for no non-finite value (replay shows them as they are).
     """
 
     def __init__(self, cfg, accelerator, model, optimizer, out_dir: Path | None, guard: bool = True):
@@ -77,7 +74,7 @@ class GradientDebugger:
         self.hooks = [load_callable(spec, "hook") for spec in self.cfg.hooks]
         unwrapped = accelerator.unwrap_model(model)
         self.params = trainable(unwrapped)
-        self.skipped = 0  # non-finite steps skipped so far (only the first writes a bundle)
+        self._bundled_non_finite = False
         self.last_trace: dict | None = None
         self.outliers = Int8Outliers(unwrapped)
         self.outliers.active = False
@@ -117,11 +114,7 @@ class GradientDebugger:
         self._watching, self._micro = True, 0
         self._act_flags.clear()
         self._grad_flags.clear()
-        # The RNG state the window's dropout draws from: what a bundle needs to redo them.
-        self._rng = {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        self._rng = rng_state()  # what the window's dropout draws from: a bundle redoes them
         self._tracing = (step - 1) % self.cfg.every == 0
         self._micro_records: list[dict] = []
         self.outliers.reset()
@@ -153,7 +146,8 @@ class GradientDebugger:
         })
 
     def before_clip(self, step: int, model, batches: list[Batch], loss: torch.Tensor | float) -> NonFinite | None:
-        """Snapshot, hooks, the NaN/inf guard; returns the finding of a step to skip, else None."""
+        """Snapshot, hooks, per-module norms; for a non-finite step, where it went non-finite
+        (the loop decides what to do with the step: train.nan_policy)."""
         self._watching = self.outliers.active = False
         loss = float(loss)  # the loop hands over the GPU tensor: only debug mode waits for it here
         if step in self.cfg.snapshot_steps:
@@ -241,20 +235,13 @@ class GradientDebugger:
             return {"module": name, "micro_batch": micro, "rows": rows}
 
         info = {"loss": loss, "forward": where(forward), "backward": where(backward)}
-        text = f"non-finite loss or gradient at step {step} (loss {loss})"
-        if forward is not None:
-            text += f"; first non-finite LoRA output (forward): {_describe(info['forward'])}"
-        text += f"; first non-finite LoRA gradient (backward): {_describe(info['backward'])}"
-        if self.nan_policy == "stop":
-            path = self._save_bundle(step, batches, loss, "non-finite", info)
-            raise NonFiniteError(
-                f"{text}. Stopped before the optimizer step; state, window and gradients saved in "
-                f"{path} (replay: medqa replay --run {self.out} --step {step})"
-            )
-        self.skipped += 1
-        if self.skipped == 1:  # one bundle: a diverged run would otherwise write one per step
-            text += f"; state saved in {self._save_bundle(step, batches, loss, 'non-finite', info)}"
-        return NonFinite(f"skipped step ({self.skipped} so far): {text}", float(norms.double().norm()))
+        text = f"first non-finite LoRA output (forward): {_describe(info['forward'])}" if forward is not None else ""
+        text += f"{'; ' if text else ''}first non-finite LoRA gradient (backward): {_describe(info['backward'])}"
+        # One bundle a run: under train.nan_policy=skip a diverged run would write one per step.
+        if not self._bundled_non_finite and (path := self._save_bundle(step, batches, loss, "non-finite", info)):
+            self._bundled_non_finite = True
+            text += f"; its state, window and gradients are in {path} (medqa replay --run {self.out} --step {step})"
+        return NonFinite(text)
 
     def _save_bundle(self, step: int, batches: list[Batch], loss: float, reason: str, info=None) -> Path | None:
         if self.out is None:

@@ -16,7 +16,8 @@ from medqa_loop.config import ConfigError, load_config
 from medqa_loop.data import load_pairs, split_pairs
 from medqa_loop.debug.int8 import Int8Outliers
 from medqa_loop.debug.replay import bitwise_equal, replay
-from medqa_loop.debug.trace import GradientDebugger, NonFinite, NonFiniteError, build_debugger, format_table
+from medqa_loop.debug.trace import GradientDebugger, NonFinite, build_debugger, format_table
+from medqa_loop.loop import NonFiniteError
 from medqa_loop.loop import backward_window, forward_loss_sum, window_counts
 from medqa_loop.losses import target_weight
 from medqa_loop.metrics import read_metrics
@@ -132,7 +133,7 @@ def test_schedule_warning_printed_before_training(traced_run):
 
 def test_guard_names_the_first_lora_gradient_to_go_non_finite(lora_parts, tmp_path):
     """A NaN injected into the gradient flowing into layer 0's o_proj, in micro-batch 1 only:
-    the loss stays finite, layer 1 and layer 0's MLP stay finite, and the guard names
+    the loss stays finite, layer 1 and layer 0's MLP stay finite, and the debugger names
     layers.0.self_attn.o_proj.lora_B (backward order) and saves a bundle."""
     cfg, parts = lora_parts
     acc, model = parts.accelerator, parts.model
@@ -151,12 +152,12 @@ def test_guard_names_the_first_lora_gradient_to_go_non_finite(lora_parts, tmp_pa
         rng = torch.get_rng_state()  # what the window's dropout would draw from
         loss = float(backward_window(acc, model, batches, normaliser, debugger.watch(7)) / normaliser)
         assert math.isfinite(loss)
-        with pytest.raises(NonFiniteError) as err:
-            debugger.before_clip(7, model, batches, loss)
+        found = debugger.before_clip(7, model, batches, loss)
     finally:
         handle.remove()
         debugger.close()
-    message = str(err.value)
+    assert isinstance(found, NonFinite)
+    message = found.message
     rows = batches[1]["rows"].tolist()
     assert f"(backward): layers.0.self_attn.o_proj.lora_B in micro-batch 1, rows {rows}" in message
     assert "(forward)" not in message and str(tmp_path / "debug" / "step-7") in message
@@ -189,8 +190,9 @@ def test_non_finite_weight_stops_the_run_with_a_bundle_that_replays(tmp_path):
     with pytest.raises(NonFiniteError) as err:
         run(cfg)
     message = str(err.value)
-    assert "at step 2" in message and "(forward): layers.0.self_attn.o_proj in micro-batch 0" in message
+    assert "non-finite step 2" in message and "(forward): layers.0.self_attn.o_proj in micro-batch 0" in message
     assert f"{out / 'debug' / 'step-2'}" in message and "--step 2" in message
+    assert str(out / "state" / "step-1") in message  # the last good step, resumable
     assert list(steps_of(out)) == [1] and not (out / "final").exists()
     state = torch.load(out / "debug/step-2/state.pt", weights_only=True)
     assert all(int(s["step"]) == 1 for s in state["optimizer"]["state"].values())  # step 2 never applied
@@ -205,7 +207,7 @@ def test_skip_policy_drops_the_update_and_counts_it(tmp_path):
     out = tmp_path / "run"
     cfg = load_config(TINY, [
         f"output_dir={out}", "data.batching=pad", "train.max_steps=2", "train.grad_accum_steps=2", "train.sanity_eval_batches=0",
-        "debug.enabled=true", "debug.nan_policy=skip", "debug.snapshot_steps=[1, 2]",
+        "debug.enabled=true", "train.nan_policy=skip", "debug.snapshot_steps=[1, 2]",
         "debug.pause_at=[1]", "debug.hooks=[user_plugins:poison_grad]",
     ])
     last = run(cfg)
@@ -217,22 +219,23 @@ def test_skip_policy_drops_the_update_and_counts_it(tmp_path):
     # Step 1 changed nothing (no update, no weight decay, no optimizer state); step 2 trained.
     w1, w2 = adapter_weights(out / "debug/step-1/adapter"), adapter_weights(out / "debug/step-2/adapter")
     assert bitwise_equal(w1, w2)
-    assert torch.load(out / "debug/step-2/state.pt", weights_only=True)["optimizer"]["state"] == {}
+    # AdamW skipped step 1 whole (found_inf): its moments are still zero and its step count 0
+    for moments in torch.load(out / "debug/step-2/state.pt", weights_only=True)["optimizer"]["state"].values():
+        assert int(moments["step"]) == 0 and not moments["exp_avg"].any() and not moments["exp_avg_sq"].any()
     assert not bitwise_equal(w2, adapter_weights(out / "final"))
     # The bundle of the skipped step says the gradient went bad after backward (the hook).
     info = json.loads((out / "debug/step-1/window.json").read_text())["nonfinite"]
     assert info["backward"] == {"module": "layers.0.mlp.up_proj.lora_B", "micro_batch": None, "rows": None}
 
 
-def test_skip_policy_returns_the_finding_and_leaves_dropping_the_gradients_to_the_loop(lora_parts, tmp_path):
-    """With debug.nan_policy=skip, before_clip names the step to skip (message, pre-skip norm) and
-    changes no gradient: the loop drops them. The first skipped step writes a bundle, later ones
-    don't; a finite step returns None; after_step writes the skipped step's line with coefficient 0."""
+def test_a_non_finite_step_is_named_changes_no_gradient_and_writes_one_bundle(lora_parts, tmp_path):
+    """before_clip names where a non-finite step went non-finite and changes no gradient (the
+    loop's update drops the step); the first such step writes a bundle, later ones don't; a
+    finite step returns None; after_step writes a skipped step's line with coefficient 0."""
     cfg, parts = lora_parts
     acc, model = parts.accelerator, parts.model
     batches = [parts.collate_fn(parts.train_examples[0:2])]
-    skip_cfg = load_config(TINY, ["debug.enabled=true", "debug.nan_policy=skip"])
-    debugger = GradientDebugger(skip_cfg, acc, model, parts.optimizer, tmp_path)
+    debugger = GradientDebugger(load_config(TINY, ["debug.enabled=true"]), acc, model, parts.optimizer, tmp_path)
     poisoned = "layers.1.mlp.down_proj.lora_A"
     try:
         found = []
@@ -258,10 +261,8 @@ def test_skip_policy_returns_the_finding_and_leaves_dropping_the_gradients_to_th
         model.zero_grad(set_to_none=True)
     first, second, finite = found
     assert isinstance(first, NonFinite) and isinstance(second, NonFinite) and finite is None
-    assert first.message.startswith("skipped step (1 so far): non-finite loss or gradient at step 3")
     assert f"(backward): {poisoned}" in first.message and str(tmp_path / "debug" / "step-3") in first.message
-    assert second.message.startswith("skipped step (2 so far)") and "state saved" not in second.message
-    assert math.isnan(first.grad_norm) and debugger.skipped == 2
+    assert f"(backward): {poisoned}" in second.message and "debug" not in second.message
     assert [p.name for p in (tmp_path / "debug").iterdir()] == ["step-3"]  # one bundle only
     assert [t["step"] for t in read_metrics(tmp_path / "grad_trace.jsonl")] == [3, 4, 5]
 
@@ -327,7 +328,7 @@ def test_int8_outlier_columns_are_those_llm_int8_splits_off(lora_parts):
     "override, names",
     [
         ("debug.every=0", ["debug.every"]),
-        ("debug.nan_policy=ignore", ["debug.nan_policy", "stop, skip"]),
+        ("train.nan_policy=ignore", ["train.nan_policy", "stop, skip"]),
         ("debug.pause_at=[0]", ["debug.pause_at", "from 1"]),
         ("debug.hooks=[user_plugins:nope]", ["debug.hooks[0]", "user_plugins:nope"]),
         ("debug.hooks=[no_such_module:f]", ["debug.hooks[0]", "no_such_module"]),
