@@ -33,6 +33,10 @@ def _triton():
     return triton_ops
 
 
+def triton_available() -> bool:
+    return _triton() is not None
+
+
 def backend(t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT):
     """``triton_ops`` where ``t`` is on CUDA in one of ``dtypes`` and Triton imports, else
     ``reference``: the two modules have the same functions."""

@@ -95,6 +95,7 @@ def _with_fused_rotary(forward):
     globals_ = {**fn.__globals__, "apply_rotary_pos_emb": _rotary_with_fallback(eager)}
     copy = types.FunctionType(fn.__code__, globals_, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__kwdefaults__ = fn.__kwdefaults__
+    copy._medqa_fused_rotary = True  # what fast_path_report counts
     return copy
 
 
@@ -159,3 +160,80 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
             module.down_proj._medqa_base_last = True  # the last matmul of a decoder layer
             counts["mlp"] += 1
     return counts
+
+
+class FastPathError(ValueError):
+    """On CUDA the fast path was asked for but does not run (a swap found no module, or Triton is
+    missing); the message says how to fall back."""
+
+
+def fast_path_report(model, cfg, device) -> dict:
+    """What runs, read off the model after patching: the attention, the int8 matmul, how many
+    modules of each kind run the fused functions, and whether their small kernels are Triton or
+    the eager reference. The first line of metrics.jsonl holds it."""
+    from peft.tuners.lora import LoraLayer
+
+    def routed(kind) -> int:
+        return sum(1 for m in model.modules() if getattr(m.forward, "__func__", None) is kind)
+
+    cuda = torch.device(device).type == "cuda"
+    attention_kind = cfg.model.attn_implementation
+    if attention_kind == attention.NAME:
+        half = cfg.model.dtype in ("bfloat16", "float16")
+        attention_kind += " (FlashAttention-2 per pair)" if cuda and half else " (one SDPA per pair)"
+    if not cfg.model.load_in_8bit:
+        int8 = "none (16/32-bit base)"
+    elif cfg.model.int8_matmul == "dequant":
+        int8 = "dequant (int8 weights dequantized per matmul)"
+    else:
+        int8 = "bnb (bitsandbytes LLM.int8)"
+    return {
+        "attention": attention_kind,
+        "int8_matmul": int8,
+        "fused_ops": cfg.model.fused_ops,
+        "fused_lora_linears": routed(_lora_forward),
+        "fused_rmsnorms": routed(_rmsnorm_forward),
+        "fused_mlps": routed(_mlp_forward),
+        "fused_rotary": sum(1 for m in model.modules() if getattr(getattr(m.forward, "__func__", None), "_medqa_fused_rotary", False)),
+        "dequantized_linears": routed(_dequant_forward),
+        "lora_linears": sum(1 for m in model.modules() if isinstance(m, LoraLayer)),
+        "kernels": "triton" if cuda and ops.triton_available() else "eager reference",
+    }
+
+
+def describe(report: dict) -> str:
+    """The start-up line."""
+    fused = (
+        f"fused: {report['fused_lora_linears']} of {report['lora_linears']} LoRA linears, {report['fused_rmsnorms']} "
+        f"RMSNorms, {report['fused_mlps']} MLPs, {report['fused_rotary']} rotary embeddings, with {report['kernels']} kernels"
+        if report["fused_ops"] else "fused ops off (transformers' and PEFT's modules)"
+    )
+    return (
+        f"fast path: attention {report['attention']}; int8 matmul {report['int8_matmul']} "
+        f"({report['dequantized_linears']} linears dequantized); {fused}"
+    )
+
+
+def check_fast_path(report: dict, cfg, on_cuda: bool) -> None:
+    """On CUDA, where speed is the point, a fast path that was asked for and does not run is an
+    error, never a silent slow run: a swap that found no module (a transformers or PEFT release
+    renamed a class) or Triton missing."""
+    if not on_cuda:
+        return
+    missing = []
+    if cfg.model.fused_ops:
+        if report["kernels"] != "triton":
+            missing.append("Triton does not import, so the fused ops would run their eager reference")
+        for key, what in (("fused_lora_linears", "LoRA linears"), ("fused_rmsnorms", "RMSNorms"),
+                          ("fused_mlps", "MLPs"), ("fused_rotary", "attention rotary embeddings")):
+            if report[key] == 0:
+                missing.append(f"no {what} were swapped for the fused functions (a renamed class?)")
+    if missing:
+        raise FastPathError(
+            "model.fused_ops=true, but " + "; ".join(missing) + ". Set model.fused_ops=false to run transformers' "
+            "and PEFT's own modules (slower, more memory), or install a Triton that matches torch"
+        )
+    if cfg.model.load_in_8bit and cfg.model.int8_matmul == "dequant" and report["dequantized_linears"] == 0:
+        raise FastPathError(
+            "model.int8_matmul=dequant, but no bitsandbytes linear was found to dequantize; set model.int8_matmul=bnb"
+        )
