@@ -309,6 +309,9 @@ def _validate(cfg: Config) -> None:
     ):
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+    from medqa_loop.trackers import check_trackers
+
+    check_trackers(t.report_to)  # known names, packages installed (looked up, not imported)
     gc = m.gradient_checkpointing
     if isinstance(gc, str) and gc != "auto" or isinstance(gc, int) and not isinstance(gc, bool) and gc < 0:
         raise ConfigError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -12,16 +13,22 @@ def perplexity(loss: float) -> float:
 
 
 class MetricsLog:
-    """Appends JSON lines; a no-op on non-main processes so callers need no rank checks."""
+    """Appends JSON lines; a no-op on non-main processes so callers need no rank checks.
 
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
+    ``forward``, when given, is called with each record after its line is written: how the
+    experiment trackers get every step and evaluation (medqa_loop.trackers.start_trackers).
+    """
+
+    def __init__(self, path: Path, enabled: bool = True, forward: Callable[[dict], None] | None = None):
+        self.path, self.enabled, self.forward = Path(path), enabled, forward
 
     def write(self, **record) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.forward is not None:
+            self.forward(record)
 
 
 def peak_memory_gb(device) -> float | None:

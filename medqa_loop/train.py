@@ -70,7 +70,8 @@ def prepare_run(
     from medqa_loop.distributed import check_processes
     from medqa_loop.optim import build_optimizer
 
-    accelerator = Accelerator()
+    # Trackers (train.report_to, checked by the config) write their files inside the run directory.
+    accelerator = Accelerator(log_with=cfg.train.report_to or None, project_dir=cfg.output_dir)
     accelerator.print(check_processes(accelerator))
     mask_fn = resolve_mask(cfg.data.mask)
     out = Path(cfg.output_dir)
@@ -131,9 +132,12 @@ def run(
     from medqa_loop.generate import eval_sampler
     from medqa_loop.loop import Hooks, train
     from medqa_loop.metrics import MetricsLog
+    from medqa_loop.trackers import start_trackers
 
     p = prepare_run(cfg, overwrite, resume, force_resume)
-    log = MetricsLog(p.out / "metrics.jsonl", enabled=p.accelerator.is_main_process)
+    # Every record also goes to the trackers train.report_to names (a resumed run: after its step).
+    forward = start_trackers(p.accelerator, cfg, p.start.step)
+    log = MetricsLog(p.out / "metrics.jsonl", enabled=p.accelerator.is_main_process, forward=forward)
     if p.start.step == 0:  # a resumed run's metrics.jsonl has it already
         log.write(step=0, **p.data_stats)
     saver = StateSaver(cfg, p.accelerator, p.model, examples_digest(p.train_examples))
@@ -156,6 +160,7 @@ def run(
             last = train(cfg, p, hooks)
     finally:
         gc.unfreeze()  # a caller that goes on (a notebook, the tests) can collect it again
+        p.accelerator.end_training()  # the trackers finish (flush, close), also after an exception
     p.accelerator.print(f"done: {last}; adapter in {p.out / 'final'}")
     return last
 
