@@ -68,6 +68,8 @@ def prepare_run(
     from medqa_loop import model as M
     from medqa_loop.checkpoint import state as S
     from medqa_loop.distributed import check_processes
+    from medqa_loop.kernels.patch import check_fast_path, fast_path_report
+    from medqa_loop.kernels.patch import describe as describe_fast_path
     from medqa_loop.optim import build_optimizer
 
     # Trackers (train.report_to, checked by the config) write their files inside the run directory.
@@ -109,6 +111,10 @@ def prepare_run(
     set_seed(cfg.seed)  # LoRA init and dropout draw from here on
     base = M.load_base(cfg.model, source, accelerator.device)
     model = M.add_lora(base, cfg.lora, layers, cfg.model.fused_ops)
+    fast_path = fast_path_report(model, cfg, accelerator.device)
+    say(describe_fast_path(fast_path))
+    check_fast_path(fast_path, cfg, accelerator.device.type == "cuda")
+    data_stats.update(fast_path)
     if accelerator.is_main_process:
         model.print_trainable_parameters()
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
