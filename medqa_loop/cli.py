@@ -192,10 +192,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """Silence what a user of the command cannot act on: the libraries' progress bars for
+    generating a dataset split, writing and loading shards, and one deprecation warning PEFT
+    triggers in transformers on every run. Real warnings and errors still show."""
+    import warnings
+
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse, run the sub-command, exit with its code (see the module docstring)."""
     args = parser().parse_args(argv)
     _, _, command = COMMANDS[args.command]
+    _quiet_libraries()
     from medqa_loop.checkpoint.state import Interrupted
     from medqa_loop.loop import NonFiniteError
     from medqa_loop.model import ModelLoadError

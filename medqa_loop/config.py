@@ -311,7 +311,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
     from medqa_loop.trackers import check_trackers
 
-    check_trackers(t.report_to)  # known names, packages installed (looked up, not imported)
+    check_trackers(t.report_to)  # known names (whether installed: when training starts)
     gc = m.gradient_checkpointing
     if isinstance(gc, str) and gc != "auto" or isinstance(gc, int) and not isinstance(gc, bool) and gc < 0:
         raise ConfigError(

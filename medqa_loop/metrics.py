@@ -42,3 +42,32 @@ def peak_memory_gb(device) -> float | None:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def run_summary(records: list[dict], out: Path, wall_s: float) -> str:
+    """What a finished run tells its user: how far it went, how well, how fast, where its files
+    are and what to run next; from its metrics.jsonl records."""
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r and r["step"] > 0]
+    minutes, seconds = divmod(round(wall_s), 60)
+    lines = [f"done in {minutes}m{seconds:02d}s: {steps[-1]['step'] if steps else 0} optimizer steps"]
+    if steps:
+        time_s = sum(r["step_time_s"] for r in steps)
+        pairs = sum(r["samples_per_s"] * r["step_time_s"] for r in steps)
+        lines[0] += f" ({steps[-1]['epoch']:g} epochs), {pairs / time_s:.2f} samples/s in the steps"
+        if peaks := [r["peak_gb"] for r in steps if "peak_gb" in r]:
+            lines[0] += f", peak {max(peaks):.1f} GB"
+        if skipped := [r for r in steps if "skipped_nonfinite" in r]:
+            lines.append(f"  {len(skipped)} non-finite steps skipped (train.nan_policy=skip)")
+    if evals:
+        best = min(evals, key=lambda r: r["eval_loss"])
+        lines.append(
+            f"  eval loss {evals[-1]['eval_loss']:.4f} at the end (step {evals[-1]['step']}); the lowest "
+            f"{best['eval_loss']:.4f} at step {best['step']}, in {out / 'best'}"
+        )
+    adapters = ", ".join(p.name for p in sorted(out.glob("epoch-*")) + [out / "final"] if p.is_dir())
+    lines.append(f"  adapters in {out}: {adapters}; metrics: {out / 'metrics.jsonl'}")
+    if (out / "samples.jsonl").is_file():
+        lines.append(f"  answers sampled at each evaluation: {out / 'samples.jsonl'}")
+    lines.append(f'  next: medqa generate --adapter {out / "final"} "your question"   |   medqa plot {out}')
+    return "\n".join(lines)

@@ -43,12 +43,18 @@ def _installed(module: str) -> bool:
 
 
 def check_trackers(names: list[str]) -> None:
-    """ConfigError for a name Accelerate has no tracker for, or whose package is not installed."""
+    """ConfigError for a name Accelerate has no tracker for (reading a config: nothing is looked up)."""
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(
                 f"config key 'train.report_to' names an unknown tracker {name!r}; known: {', '.join(TRACKERS)}"
             )
+
+
+def check_installed(names: list[str]) -> None:
+    """ConfigError for a tracker whose package is not installed, naming what to install. Only a
+    run that trains asks: an adapter's run config names trackers its reader need not have."""
+    for name in names:
         module, install = TRACKERS[name]
         if not _installed(module):
             raise ConfigError(

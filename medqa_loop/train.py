@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -71,8 +72,11 @@ def prepare_run(
     from medqa_loop.kernels.patch import check_fast_path, fast_path_report
     from medqa_loop.kernels.patch import describe as describe_fast_path
     from medqa_loop.optim import build_optimizer
+    from medqa_loop.trackers import check_installed
 
-    # Trackers (train.report_to, checked by the config) write their files inside the run directory.
+    # Trackers (train.report_to) write their files inside the run directory; their packages are
+    # looked up first (Accelerate would leave a missing one out with a warning).
+    check_installed(cfg.train.report_to)
     accelerator = Accelerator(log_with=cfg.train.report_to or None, project_dir=cfg.output_dir)
     accelerator.print(check_processes(accelerator))
     mask_fn = resolve_mask(cfg.data.mask)
@@ -137,9 +141,10 @@ def run(
     from medqa_loop.debug.trace import build_debugger
     from medqa_loop.generate import eval_sampler
     from medqa_loop.loop import Hooks, train
-    from medqa_loop.metrics import MetricsLog
+    from medqa_loop.metrics import MetricsLog, read_metrics, run_summary
     from medqa_loop.trackers import start_trackers
 
+    started = time.perf_counter()
     p = prepare_run(cfg, overwrite, resume, force_resume)
     # Every record also goes to the trackers train.report_to names (a resumed run: after its step).
     forward = start_trackers(p.accelerator, cfg, p.start.step)
@@ -167,7 +172,8 @@ def run(
     finally:
         gc.unfreeze()  # a caller that goes on (a notebook, the tests) can collect it again
         p.accelerator.end_training()  # the trackers finish (flush, close), also after an exception
-    p.accelerator.print(f"done: {last}; adapter in {p.out / 'final'}")
+    if p.accelerator.is_main_process:
+        print(run_summary(read_metrics(p.out / "metrics.jsonl"), p.out, time.perf_counter() - started))
     return last
 
 

@@ -144,4 +144,5 @@ def test_max_steps_stops_mid_epoch_and_saves_final(tiny_cfg):
         if "loss" in r:
             assert {"step", "epoch", "loss", "lr", "grad_norm", "target_tokens"} <= r.keys()
             assert r["target_tokens"] > 0 and r["epoch"] < 1
-    assert sorted(os.listdir(out)) == ["base", "config.yaml", "final", "metrics.jsonl", "samples.jsonl", "state"]
+    # best/: the adapter of the lowest eval loss (step 2's, the only full evaluation)
+    assert sorted(os.listdir(out)) == ["base", "best", "config.yaml", "final", "metrics.jsonl", "samples.jsonl", "state"]

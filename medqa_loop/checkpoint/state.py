@@ -46,13 +46,15 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 ADAPTER = "adapter_model.safetensors"
 FORMAT = 1
-# Keys a resumed run may change: where it writes, how often it evaluates, saves or profiles, how
-# long it runs. Any other difference changes the updates themselves and is refused without
-# --force-resume. (epochs / max_steps change the lr schedule's length from the resumed step on.)
+# Keys a resumed run may change: where it writes, how often it evaluates, saves, profiles or
+# reports, how long it runs and when it stops, what recomputes in backward (not the values).
+# Any other difference changes the updates themselves and is refused without --force-resume.
+# (epochs / max_steps change the lr schedule's length from the resumed step on.)
 MAY_CHANGE = {
     "output_dir", "train.epochs", "train.max_steps", "train.eval_every", "train.eval_batch_size",
     "train.eval_max_batches", "train.sanity_eval_batches", "train.save_every",
-    "train.keep_states", "train.profile_steps", "data.bad_rows",
+    "train.keep_states", "train.profile_steps", "data.bad_rows", "train.report_to",
+    "train.early_stopping_patience", "train.nan_policy", "model.gradient_checkpointing",
 }
 
 
@@ -247,10 +249,13 @@ def check_examples(path: Path, examples: list[dict], force: bool, say: Callable 
 # Restoring
 
 
-def _skip_model_weights(models: list, *_) -> None:
+def _skip_model_weights(models: list, weights: list | None = None, *_) -> None:
     """Accelerate (load/save)_state pre-hook: leave the model out. Its full state dict would be
-    the frozen 8-bit base too (7 GB for Mistral-7B); the LoRA weights travel as the adapter."""
+    the frozen 8-bit base too (7 GB for Mistral-7B); the LoRA weights travel as the adapter.
+    save_state has gathered the state dicts into ``weights`` before its hooks run: clear them too."""
     models.clear()
+    if isinstance(weights, list):
+        weights.clear()
 
 
 def restore(path: Path, accelerator, model, output_dir: Path) -> Position:

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -352,3 +353,18 @@ def test_a_state_is_due_every_save_every_steps_at_epoch_ends_and_at_the_last_ste
     assert saver.signal_received() == 0
     saver.signum = signal.SIGTERM  # what its handler records (stop_on_signals)
     assert saver.signal_received() == signal.SIGTERM
+
+
+def test_a_state_holds_no_base_weights(tiny_cfg):
+    """Accelerate gathers the model's state dict before its save hooks run; the hook clears it too,
+    so a state is the adapter, AdamW's moments and the RNGs: ~3x the adapter, never the base."""
+    from medqa_loop.train import run
+
+    cfg = tiny_cfg("train.max_steps=1", "train.sanity_eval_batches=0")
+    run(cfg)
+    (state,) = (Path(cfg.output_dir) / "state").iterdir()
+    names = {p.name for p in state.iterdir()}
+    assert not names & {"model.safetensors", "pytorch_model.bin"}, names
+    assert {"adapter_model.safetensors", "optimizer.bin", "random_states_0.pkl", "manifest.json"} <= names
+    adapter = (state / "adapter_model.safetensors").stat().st_size
+    assert sum(p.stat().st_size for p in state.iterdir()) < 4 * adapter + 100_000
