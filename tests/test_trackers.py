@@ -107,7 +107,8 @@ def test_a_resumed_run_logs_only_the_steps_after_the_one_it_resumed_from(tmp_pat
     assert [s for s, _ in resumed["eval_loss"]] == [4]
 
 
-def test_trackers_finish_when_the_run_stops_with_an_exception(tmp_path, monkeypatch):
+def crashed_run(out: Path, monkeypatch, *overrides):
+    """``train.run`` whose loop logs one step and raises: the PreparedRun it made."""
     import medqa_loop.loop
 
     def crash(cfg, run, hooks):
@@ -116,10 +117,15 @@ def test_trackers_finish_when_the_run_stops_with_an_exception(tmp_path, monkeypa
 
     monkeypatch.setattr(medqa_loop.loop, "train", crash)
     runs = capture_runs(monkeypatch)
-    out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="stopped mid-run"):
-        T.run(tiny(out, "train.report_to=[tensorboard]"))
+        T.run(tiny(out, *overrides))
     (p,) = runs
+    return p
+
+
+def test_trackers_finish_when_the_run_stops_with_an_exception(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    p = crashed_run(out, monkeypatch, "train.report_to=[tensorboard]")
     assert p.accelerator.trackers[0].writer.all_writers is None  # closed: the events are on disk
     (events,) = event_files(out)
     assert tracked(events)["loss"] == [(1, 1.5)]
@@ -127,18 +133,8 @@ def test_trackers_finish_when_the_run_stops_with_an_exception(tmp_path, monkeypa
 
 def test_without_report_to_no_tracker_starts(tmp_path, monkeypatch):
     """The fast tier's check of the default (the slow test below runs the whole loop)."""
-    import medqa_loop.loop
-
-    def crash(cfg, run, hooks):
-        hooks.log.write(step=1, loss=1.5)
-        raise RuntimeError("stopped mid-run")
-
-    monkeypatch.setattr(medqa_loop.loop, "train", crash)
-    runs = capture_runs(monkeypatch)
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="stopped mid-run"):
-        T.run(tiny(out))
-    (p,) = runs
+    p = crashed_run(out, monkeypatch)
     assert p.accelerator.log_with == [] and p.accelerator.trackers == []
     assert {f.name for f in out.iterdir()} == {"base", "config.yaml", "metrics.jsonl"}
 
