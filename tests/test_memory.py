@@ -2,7 +2,6 @@
 largest micro-batch the data makes, and the plan applied to the model."""
 
 import pytest
-import torch
 from transformers import MistralConfig
 
 from medqa_loop import memory as M

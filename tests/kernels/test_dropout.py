@@ -17,7 +17,7 @@ def test_keep_mask_is_a_function_of_the_seed_and_looks_random():
     x = torch.empty(shape)
     a, b, c = keep_mask(x, p, 7), keep_mask(x, p, 7), keep_mask(x, p, 8)
     assert a.dtype == torch.bool and a.shape == shape
-    assert torch.equal(a, b)  # same seed: the same mask
+    assert torch.equal(a, b) and not torch.equal(a, c)  # same seed: the same mask; another: not
     assert abs(a.float().mean().item() - (1 - p)) < 3e-3  # 1e6 draws: std ~5e-4
     # Other seeds, including ones differing in one bit of either 31-bit key, give independent
     # masks: they disagree where two independent draws would, on 2p(1-p) of the elements.
