@@ -78,7 +78,7 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_cfg, tmp_
     proc = launch_two_cpu_processes("--config", TINY, *(a for o in overrides for a in ("--set", o)), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "processes: 2 (MULTI_CPU, gloo)" in proc.stdout and "33 train / 9 validation" in proc.stdout
-    assert proc.stdout.count("done:") == 1 and proc.stderr.count(" 0/4 [") == 1  # main prints, one bar
+    assert proc.stdout.count("done in ") == 1 and proc.stderr.count(" 0/4 [") == 1  # main prints, one bar
 
     run(tiny_cfg(*SHARED, "train.grad_accum_steps=8"))
     one_dir = tmp_path / "run"
