@@ -55,6 +55,8 @@ MAY_CHANGE = {
     "train.eval_max_batches", "train.sanity_eval_batches", "train.save_every",
     "train.keep_states", "train.profile_steps", "data.bad_rows", "train.report_to",
     "train.early_stopping_patience", "train.nan_policy", "model.gradient_checkpointing",
+    # what the debugger records (its hooks, user code that may change gradients, are not here)
+    "debug.enabled", "debug.every", "debug.attribution", "debug.snapshot_steps", "debug.pause_at",
 }
 
 
