@@ -86,8 +86,10 @@ def prepare_run(
         resume_from = S.find_state(out, resume, say)
         if resume_from is not None:
             S.check_config(resume_from, cfg, world, force_resume, say)
+    # `--resume auto` with no state to resume from starts over, so a job script can always pass it.
+    starting_over = resume == "auto" and resume_from is None
     if accelerator.is_main_process:
-        prepare_output_dir(cfg, overwrite, resume_from)
+        prepare_output_dir(cfg, overwrite or starting_over, resume_from)
     accelerator.wait_for_everyone()
 
     # Tokenizer and data first: cheap, and where most mistakes show.

@@ -42,6 +42,8 @@ from medqa_loop.checkpoint.adapter import save_adapter
 from medqa_loop.config import Config
 
 STATE_DIR = "state"
+# The files a run appends a JSON line with a "step" to: trimmed back to a resumed state's step.
+APPENDED = ("metrics.jsonl", "samples.jsonl", "grad_trace.jsonl")
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 ADAPTER = "adapter_model.safetensors"
@@ -181,7 +183,8 @@ def verify_state(path: Path) -> dict:
 
 def find_state(output_dir: Path, resume: str, say: Callable = print) -> Path | None:
     """The state ``--resume`` names: a path (checked), or ``auto``: the newest good state in
-    ``output_dir`` (bad ones are reported and passed over). None: ``auto`` found no state."""
+    ``output_dir`` (bad ones are reported and passed over). None: ``auto`` found no state, and
+    the run starts over (a run killed before its first state left nothing to continue)."""
     if resume != "auto":
         verify_state(Path(resume))
         return Path(resume)
@@ -195,7 +198,7 @@ def find_state(output_dir: Path, resume: str, say: Callable = print) -> Path | N
             say(f"warning: {e}; trying an older state")
     if problems:
         raise StateError(f"no usable training state in {root}: " + "; ".join(problems))
-    say(f"no training state in {root}; starting a new run")
+    say(f"no training state in {root}; starting a new run (the directory's earlier files go)")
     return None
 
 
@@ -286,7 +289,8 @@ def restore(path: Path, accelerator, model, output_dir: Path) -> Position:
         raise StateError(f"training state {path}: its RNG states could not be restored")
     position = Position(info["step"], info["epoch"], info["window"])
     if accelerator.is_main_process:
-        trim_metrics(Path(output_dir) / "metrics.jsonl", position.step)
+        for name in APPENDED:
+            trim_after(Path(output_dir) / name, position.step)
     accelerator.print(
         f"resuming from {path}: step {position.step}, epoch {position.epoch + 1}, "
         f"{position.window} windows of it done"
@@ -294,8 +298,9 @@ def restore(path: Path, accelerator, model, output_dir: Path) -> Position:
     return position
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Keep the metrics lines of steps <= ``step`` (and drop a line a crash cut short)."""
+def trim_after(path: Path, step: int) -> None:
+    """Keep the lines of steps <= ``step`` of a file a run appends to (and drop a line a crash
+    cut short): the resumed run writes the later ones again."""
     if not path.is_file():
         return
     kept = []

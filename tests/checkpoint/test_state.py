@@ -368,3 +368,44 @@ def test_a_state_holds_no_base_weights(tiny_cfg):
     assert {"adapter_model.safetensors", "optimizer.bin", "random_states_0.pkl", "manifest.json"} <= names
     adapter = (state / "adapter_model.safetensors").stat().st_size
     assert sum(p.stat().st_size for p in state.iterdir()) < 4 * adapter + 100_000
+
+
+@pytest.mark.slow
+def test_resume_auto_after_a_kill_before_the_first_state_starts_over(tmp_path):
+    """SIGKILL in the first step's forward: the directory holds a config and metrics, no state.
+    `--resume auto` starts the run over, keeping nothing of the killed one's files."""
+    out = tmp_path / "run"
+    killed = train(out, fault=("KILL", "forward", 1))
+    assert killed.returncode == -signal.SIGKILL and (out / "config.yaml").is_file() and not state_dirs(out)
+    (out / "leftover.txt").write_text("from the killed run")
+    again = train(out, "--resume", "auto", "--set", "train.epochs=1")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "starting a new run" in again.stdout + again.stderr
+    records = metrics(out)
+    assert [r["step"] for r in records if "data_train_pairs" in r] == [0]  # one run's header, once
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[0] == 1
+    assert not (out / "leftover.txt").exists()
+
+
+@pytest.mark.slow
+def test_every_appended_file_is_trimmed_back_to_the_resumed_step(tiny_cfg):
+    """Resumed from an older state, the run writes its later steps again: metrics.jsonl,
+    samples.jsonl and grad_trace.jsonl each hold every step once, and the same lines as before."""
+    from medqa_loop.metrics import read_metrics
+    from medqa_loop.train import run
+
+    common = ["train.max_steps=3", "train.eval_every=1", "train.eval_max_batches=1", "train.sample_questions=1",
+              "train.sample_max_new_tokens=4", "train.save_every=1", "train.keep_states=3", "debug.enabled=true"]
+    cfg = tiny_cfg(*common)
+    run(cfg)
+    out = Path(cfg.output_dir)
+    before = {name: read_metrics(out / name) for name in ("samples.jsonl", "grad_trace.jsonl")}
+    run(tiny_cfg(*common), resume=str(out / "state" / "step-1"))
+    for name, lines in before.items():
+        again = read_metrics(out / name)
+        assert [r["step"] for r in again] == [r["step"] for r in lines], name  # no step twice
+        if name == "samples.jsonl":
+            assert again == lines  # greedy answers: the same text
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3]
