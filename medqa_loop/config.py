@@ -7,6 +7,7 @@ or an impossible value costs seconds, not a 7B model load. Errors always name th
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -440,5 +441,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return config_from_dict(apply_overrides(raw, overrides or []))
     except ConfigError as e:
-        where = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"{e}{where}") from None
+        raise ConfigError(f"{e}{_where(str(e), path, overrides or [])}") from None
+
+
+def _where(message: str, path: Path | None, overrides: list[str]) -> str:
+    """Where the key a ConfigError names was set: the --set that set it, else the file."""
+    named = re.search(r"config key '([^'\[]+)", message)
+    if named is not None:
+        key = named.group(1)
+        for item in reversed(overrides):  # the last --set of a key wins
+            set_key = item.partition("=")[0].strip()
+            if key == set_key or key.startswith(f"{set_key}.") or set_key.startswith(f"{key}."):
+                return f" (from --set {item})"
+    return f" (in {path})" if path is not None else ""

@@ -96,6 +96,28 @@ def check_model_source(name: str, trust_remote_code: bool = False):
         raise _hub_error("model", name, e) from e
 
 
+def check_lora_targets(model_config, targets: list[str], trust_remote_code: bool = False) -> None:
+    """Every name in ``lora.target_modules`` must match a linear module of the architecture (as
+    PEFT matches a list: the whole name or its last dotted parts), read from the model's config on
+    the meta device: a typo fails in seconds, not after the base is loaded."""
+    from transformers import AutoModelForCausalLM
+
+    from medqa_loop.config import ConfigError
+
+    if targets == ["all-linear"]:
+        return
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    linear = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+    for target in targets:
+        if not any(n == target or n.endswith(f".{target}") for n in linear):
+            known = sorted({n.rsplit(".", 1)[-1] for n in linear})
+            raise ConfigError(
+                f"config key 'lora.target_modules': {target!r} names no linear module of "
+                f"{model_config.model_type} (its linear modules: {', '.join(known)})"
+            )
+
+
 def load_base(cfg: ModelConfig, source: str, device: torch.device):
     """The frozen base, int8 through bitsandbytes when ``load_in_8bit`` (lm_head kept as is)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -109,6 +109,7 @@ def prepare_run(
             M.build_random_base(cfg.model, tokenizer, Path(source), cfg.seed)
         accelerator.wait_for_everyone()
     model_config = M.check_model_source(source, cfg.model.trust_remote_code)
+    M.check_lora_targets(model_config, cfg.lora.target_modules, cfg.model.trust_remote_code)
     # The memory plan, before the base is loaded: how many layers to checkpoint.
     layers, plan_record, plan_line = memory.plan(cfg, model_config, train_set.examples, accelerator.device, world)
     say(plan_line)

@@ -198,3 +198,16 @@ def test_new_keys_default_and_load():
     assert (default.train.save_every, default.train.keep_states, default.data.bad_rows) == (50, 2, "error")
     with pytest.raises(ConfigError, match="data.bad_rows' must be one of error, skip"):
         load_config(TINY, ["data.bad_rows=Skip"])
+
+
+def test_a_lora_target_that_names_no_module_fails_before_the_base_loads(tiny_cfg, monkeypatch):
+    import medqa_loop.model as M
+    from medqa_loop.config import ConfigError
+    from medqa_loop.train import prepare_run
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(M, "load_base", never)
+    with pytest.raises(ConfigError, match=r"'qkv_proj' names no linear module of mistral .*q_proj.*v_proj"):
+        prepare_run(tiny_cfg("lora.target_modules=[q_proj, qkv_proj]"))

@@ -98,3 +98,16 @@ def test_presets_ship_with_the_package_and_load_by_name():
     assert load_config("tiny").to_dict() == load_config(shipped["tiny"]).to_dict()  # name == its file
     with pytest.raises(ConfigError, match=r"config file not found: tinyy \(and no shipped preset.*recipe.*tiny"):
         load_config("tinyy")
+
+
+def test_an_error_names_where_its_key_was_set(tmp_path):
+    from medqa_loop.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["train.epochs=2", "train.lr=-1"])
+    assert str(err.value).endswith("(from --set train.lr=-1)") and "tiny.yaml" not in str(err.value)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(mine, ["train.epochs=2"])
+    assert str(err.value).endswith(f"(in {mine})")
