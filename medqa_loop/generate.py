@@ -138,8 +138,15 @@ def answer_questions(
         questions += read_questions(file, question_column or src.run.data.question_column)
     check_adapter_fits(src)
     tokenizer = adapter_tokenizer(src)
+    template, limit = src.run.data.prompt_template, src.run.data.max_length
+    for i, q in enumerate(questions):  # before the base loads: a long text costs minutes, then GBs
+        tokens = len(encode_prompt(tokenizer, q, template))
+        if tokens >= limit:
+            raise ValueError(
+                f"question {i + 1} is {tokens} tokens with its prompt; the adapter was trained on pairs of at "
+                f"most data.max_length={limit} tokens, prompt and answer together: shorten it"
+            )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_adapted_model(src, src.run.model, device)
     set_seed(seed)
-    template = src.run.data.prompt_template
     return [{"question": q, "answer": generate_answer(model, tokenizer, q, template, settings)} for q in questions]

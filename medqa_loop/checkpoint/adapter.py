@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +119,11 @@ def check_adapter_fits(src: AdapterSource) -> None:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
     made_for = f" (its adapter_config.json names {src.recorded_base!r})" if src.recorded_base else ""
+    adapted_layers = set()
     with safe_open(src.path / ADAPTER_WEIGHTS, framework="pt") as f:
         for key in f.keys():
+            if (layer := re.search(r"\.layers\.(\d+)\.", key)) is not None:
+                adapted_layers.add(int(layer.group(1)))
             module_name, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
             if kind not in ("A.weight", "B.weight"):
                 continue
@@ -144,6 +148,15 @@ def check_adapter_fits(src: AdapterSource) -> None:
                     f"has {got} {side} in the adapter but {want} in the base (hidden size "
                     f"{config.hidden_size}). Pass the base it was trained on with --base."
                 )
+    # An adapter trained on a shallower base loads on a deeper one without a complaint from PEFT,
+    # leaving its last layers unadapted. One meant for some layers only says so in its config.
+    chosen = json.loads((src.path / "adapter_config.json").read_text()).get("layers_to_transform")
+    if adapted_layers and chosen is None and len(adapted_layers) < config.num_hidden_layers:
+        raise AdapterError(
+            f"adapter {src.path} does not fit base {src.base!r}{made_for}: it adapts {len(adapted_layers)} "
+            f"decoder layers, that base has num_hidden_layers={config.num_hidden_layers}. Pass the base it "
+            "was trained on with --base."
+        )
 
 
 def adapter_tokenizer(src: AdapterSource):

@@ -142,12 +142,13 @@ def test_read_questions_from_text_and_tables(tmp_path):
 
 @pytest.fixture(scope="module")
 def other_bases(trained_run, tmp_path_factory, tokenizer):
-    """Random-init bases of another hidden size and another depth than the trained one."""
+    """Random-init bases of another hidden size and of a shallower and a deeper depth than the trained one."""
     from medqa_loop.model import build_random_base
 
     root = tmp_path_factory.mktemp("other_bases")
     made = {}
-    for name, change in {"hidden64": {"hidden_size": 64}, "layers1": {"num_hidden_layers": 1}}.items():
+    for name, change in {"hidden64": {"hidden_size": 64}, "layers1": {"num_hidden_layers": 1},
+                         "layers3": {"num_hidden_layers": 3}}.items():
         model_cfg = dataclasses.replace(
             trained_run.model, random_init={**trained_run.model.random_init, **change}
         )
@@ -165,6 +166,8 @@ def other_bases(trained_run, tmp_path_factory, tokenizer):
         ("missing_base", ["not a model directory", "no-such-base"]),
         ("hidden64", ["does not fit base", "has 128 outputs in the adapter but 64 in the base", "hidden size 64"]),
         ("layers1", ["does not fit base", "model.layers.1.", "num_hidden_layers=1"]),
+        ("layers3", ["does not fit base", "it adapts 2 decoder layers", "num_hidden_layers=3"]),
+        ("long_question", ["question 1 is", "data.max_length=512", "shorten it"]),
     ],
 )
 def test_clear_errors_before_any_weights_load(
@@ -187,6 +190,8 @@ def test_clear_errors_before_any_weights_load(
         "missing_base": ["--adapter", adapter, "--base", tmp_path / "no-such-base", "q?"],
         "hidden64": ["--adapter", adapter, "--base", other_bases.get("hidden64"), "q?"],
         "layers1": ["--adapter", adapter, "--base", other_bases.get("layers1"), "q?"],
+        "layers3": ["--adapter", adapter, "--base", other_bases.get("layers3"), "q?"],
+        "long_question": ["--adapter", adapter, "why? " * 2000],
     }[case]
     code, _, err = run_main(capsys, *argv)
     assert code == 2
