@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from medqa_loop.batching import collate
+from medqa_loop.checkpoint.lock import RunLock
 from medqa_loop.checkpoint.state import Position
 from medqa_loop.config import Config, ConfigError
 from medqa_loop.data import Pairs, encode_pairs, load_pairs, split_pairs, summarize_data
@@ -56,7 +57,8 @@ class PreparedRun:
     out: Path  # the run directory
     val_pairs: Pairs  # the texts behind val_examples (questions and references to sample)
     start: Position = Position()  # where a resumed run stands
-    data_stats: dict = field(default_factory=dict)  # pairs, skipped and truncated rows
+    data_stats: dict = field(default_factory=dict)  # the first metrics.jsonl line: data, memory plan, fast path
+    lock: RunLock | None = None  # the run directory's, held while this lives (main process)
 
 
 def prepare_run(
@@ -88,7 +90,9 @@ def prepare_run(
             S.check_config(resume_from, cfg, world, force_resume, say)
     # `--resume auto` with no state to resume from starts over, so a job script can always pass it.
     starting_over = resume == "auto" and resume_from is None
+    lock = None
     if accelerator.is_main_process:
+        lock = RunLock(out).acquire()  # before anything in the directory is read or deleted
         prepare_output_dir(cfg, overwrite or starting_over, resume_from)
     accelerator.wait_for_everyone()
 
@@ -131,7 +135,7 @@ def prepare_run(
     return PreparedRun(
         accelerator, tokenizer, model, optimizer, train_set.examples, val_set.examples,
         partial(collate, pad_id=tokenizer.pad_token_id, packed=cfg.data.batching == "pack"), out,
-        val_pairs, start, data_stats,
+        val_pairs, start, data_stats, lock,
     )
 
 
@@ -174,6 +178,8 @@ def run(
             last = train(cfg, p, hooks)
     finally:
         gc.unfreeze()  # a caller that goes on (a notebook, the tests) can collect it again
+        if p.lock is not None:
+            p.lock.release()
         p.accelerator.end_training()  # the trackers finish (flush, close), also after an exception
     if p.accelerator.is_main_process:
         print(run_summary(read_metrics(p.out / "metrics.jsonl"), p.out, time.perf_counter() - started))

@@ -323,9 +323,8 @@ def test_resume_cli_rules_fail_before_any_model_load(reference, tmp_path, monkey
     (other / "metrics.jsonl").write_text("")
     err = refused("--set", f"output_dir={other}", "--resume", str(reference / "state" / "step-6"))
     assert "holds another run" in err
-    # A run directory with no state to resume (killed before its first save) is not overwritten.
-    err = refused("--set", f"output_dir={other}", "--resume", "auto")
-    assert "holds another run" in err and (other / "metrics.jsonl").exists()
+    # (A run directory with no state to resume starts over with --resume auto:
+    # test_resume_auto_after_a_kill_before_the_first_state_starts_over.)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,3 +408,36 @@ def test_every_appended_file_is_trimmed_back_to_the_resumed_step(tiny_cfg):
             assert again == lines  # greedy answers: the same text
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_one_live_run_per_directory_and_no_stale_lock_after_a_kill(tmp_path):
+    """Real processes: while a run trains, a second into the same directory is refused, with
+    --overwrite too, naming the live run's PID and host; the live run is untouched. A SIGKILL
+    leaves no stale lock: the next run goes on."""
+    import socket
+    import time
+
+    out = tmp_path / "run"
+    live = subprocess.Popen(
+        [sys.executable, "-m", "medqa_loop.train", *RUN, "--set", f"output_dir={out}", "--set", "train.epochs=30"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file():  # the live run holds its directory by then
+            assert live.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        for extra in ([], ["--overwrite"]):
+            second = train(out, *extra)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert f"process {live.pid} on {socket.gethostname()}" in second.stderr and "live run" in second.stderr
+        assert live.poll() is None and (out / "config.yaml").is_file()  # not deleted under it
+        live.send_signal(signal.SIGKILL)
+        live.wait(timeout=60)
+    finally:
+        if live.poll() is None:
+            live.kill()
+        live.communicate()
+    after = train(out, "--resume", "auto", "--set", "train.epochs=1")
+    assert after.returncode == 0, after.stderr[-3000:]
