@@ -363,6 +363,18 @@ def _validate_debug(g: DebugConfig) -> None:
 # Public entry points.
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested config as dotted keys: {"train": {"lr": 1}} -> {"train.lr": 1}; an empty section
+    stays a value. What a resume compares and what the trackers record."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4). The value is parsed as YAML."""
     if "=" not in item:

@@ -162,14 +162,15 @@ def plan(cfg, model_config, examples: list[dict], device, world: int = 1) -> tup
     import torch
 
     n_layers, setting = model_config.num_hidden_layers, cfg.model.gradient_checkpointing
-    on_gpu = torch.device(device).type == "cuda"
-    if setting == "auto" and not on_gpu:
-        return n_layers, {"checkpoint_layers": n_layers}, f"memory plan: checkpoint all {n_layers} layers (on the CPU)"
-    if setting == "auto" or isinstance(setting, bool):
-        forced = None if setting == "auto" else (n_layers if setting else 0)
+    if setting == "auto":
+        forced = None
+    elif isinstance(setting, bool):
+        forced = n_layers if setting else 0
     else:
         forced = min(setting, n_layers)
-    if not on_gpu:
+    if torch.device(device).type != "cuda":
+        if forced is None:
+            return n_layers, {"checkpoint_layers": n_layers}, f"memory plan: checkpoint all {n_layers} layers (on the CPU)"
         return forced, {"checkpoint_layers": forced}, f"memory plan: checkpoint {forced} of {n_layers} layers (model.gradient_checkpointing)"
     model = memory_model(model_config, cfg.lora.r, cfg.lora.target_modules, cfg.model.load_in_8bit)
     tokens = largest_micro_batch(examples, cfg, world)

@@ -14,7 +14,7 @@ from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
 
-from medqa_loop.config import ConfigError
+from medqa_loop.config import ConfigError, flatten
 
 # Accelerate 1.x's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS): name -> (the module it
 # needs, what to pip install for it). TensorBoard's tracker writes through
@@ -63,18 +63,10 @@ def check_installed(names: list[str]) -> None:
             )
 
 
-def flat_config(tree: dict, prefix: str = "") -> dict:
+def flat_config(tree: dict) -> dict:
     """The resolved config as trackers take it: dotted keys, scalar values (lists as JSON text)."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flat_config(value, f"{name}."))
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = json.dumps(value)
-    return flat
+    scalar = (bool, int, float, str)
+    return {k: v if v is None or isinstance(v, scalar) else json.dumps(v) for k, v in flatten(tree).items()}
 
 
 def start_trackers(accelerator, cfg, start_step: int = 0):

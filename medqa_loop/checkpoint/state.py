@@ -39,7 +39,7 @@ import torch
 import yaml
 
 from medqa_loop.checkpoint.adapter import save_adapter
-from medqa_loop.config import Config
+from medqa_loop.config import Config, flatten
 
 STATE_DIR = "state"
 # The files a run appends a JSON line with a "step" to: trimmed back to a resumed state's step.
@@ -202,16 +202,6 @@ def find_state(output_dir: Path, resume: str, say: Callable = print) -> Path | N
     return None
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _refuse_or_warn(path: Path, differences: list[str], force: bool, say: Callable) -> None:
     if not differences:
         return
@@ -227,8 +217,8 @@ def _refuse_or_warn(path: Path, differences: list[str], force: bool, say: Callab
 def check_config(path: Path, cfg: Config, num_processes: int, force: bool, say: Callable = print):
     """Refuse a resume whose config differs in a key that changes the updates (MAY_CHANGE aside),
     naming every such key with its old and new value, or run with a different process count."""
-    old = _flatten(yaml.safe_load((path / "config.yaml").read_text()))
-    new = _flatten(cfg.to_dict())
+    old = flatten(yaml.safe_load((path / "config.yaml").read_text()))
+    new = flatten(cfg.to_dict())
     differences = [
         f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
         for key in sorted(old.keys() | new.keys())
