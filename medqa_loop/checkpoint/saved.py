@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from medqa_loop.checkpoint import bundle, state
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from medqa_loop.checkpoint.adapter import ADAPTER_WEIGHTS
 
 
 @dataclass

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 import yaml
 
-from medqa_loop.checkpoint.adapter import save_adapter
+from medqa_loop.checkpoint.adapter import ADAPTER_WEIGHTS, save_adapter
 from medqa_loop.config import Config, flatten
 
 STATE_DIR = "state"
@@ -46,7 +46,6 @@ STATE_DIR = "state"
 APPENDED = ("metrics.jsonl", "samples.jsonl", "grad_trace.jsonl")
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
-ADAPTER = "adapter_model.safetensors"
 FORMAT = 1
 # Keys a resumed run may change: where it writes, how often it evaluates, saves, profiles or
 # reports, how long it runs and when it stops, what recomputes in backward (not the values).
@@ -165,7 +164,7 @@ def verify_state(path: Path) -> dict:
         raise StateError(f"training state {path}: {MANIFEST} is unreadable ({e!r})") from None
     # Every file must be listed; each process's RNG file is, as saved (check_config compares
     # the number of processes).
-    needed = {ADAPTER, "optimizer.bin", TRAINER_STATE, "config.yaml", "random_states_0.pkl"}
+    needed = {ADAPTER_WEIGHTS, "optimizer.bin", TRAINER_STATE, "config.yaml", "random_states_0.pkl"}
     for name in sorted(needed | expected.keys()):
         file = path / name
         if name not in expected or not file.is_file():
@@ -267,7 +266,7 @@ def restore(path: Path, accelerator, model, output_dir: Path) -> Position:
     weights = load_peft_weights(str(path), device=str(accelerator.device))  # safetensors
     unexpected = set_peft_model_state_dict(accelerator.unwrap_model(model), weights).unexpected_keys
     if unexpected:
-        raise StateError(f"training state {path}: {ADAPTER} does not fit this model: {unexpected[:3]}")
+        raise StateError(f"training state {path}: {ADAPTER_WEIGHTS} does not fit this model: {unexpected[:3]}")
     handle = accelerator.register_load_state_pre_hook(_skip_model_weights)
     try:
         accelerator.load_state(str(path))  # the prepared optimizer, then the RNGs

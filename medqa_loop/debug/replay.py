@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from medqa_loop.batching import accumulation_windows, epoch_order, steps_per_epoch, window_batches
+from medqa_loop.checkpoint.adapter import ADAPTER_WEIGHTS
 from medqa_loop.checkpoint.saved import find_saved, read_saved
 from medqa_loop.checkpoint.state import set_rng_state
 from medqa_loop.config import Config, ConfigError, DebugConfig, config_from_dict
@@ -109,7 +110,7 @@ def replay(run_dir: str | Path, step: int, checkpoint: str | Path | None = None,
         cfg.output_dir = tmp
         parts = prepare_run(cfg)
     accelerator, model = parts.accelerator, parts.model
-    adapter = saved.adapter / "adapter_model.safetensors"
+    adapter = saved.adapter / ADAPTER_WEIGHTS
     loaded = set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(adapter))
     missing = [k for k in loaded.missing_keys if "lora_" in k]
     if missing or loaded.unexpected_keys:
