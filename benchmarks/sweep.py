@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--trace", help="write the profiled window's Chrome trace here (.json.gz)")
     p.add_argument("--cprofile", action="store_true", help="... and one more under cProfile")
     p.add_argument("--windows", type=int, default=3, help="timed windows per setting (+1 warm-up)")
+    p.add_argument("--repeat", action="store_true", help="run each timed window twice: the second time "
+                   "every matmul shape has been seen (repeat_s), the first time most have not (window_s)")
     a = p.parse_args()
     out = Path(a.out)
     if not (a.base and a.tokenizer and a.data):
@@ -72,7 +74,7 @@ def main() -> None:
         for budget in [int(t) for t in budgets.split(",") if t]:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            walls, launches, pairs, tokens, longest = [], [], 0, 0, 0
+            walls, launches, repeats, pairs, tokens, longest = [], [], [], 0, 0, 0
             setting = {"tokens_per_micro_batch": budget, "checkpointing": gc, "checkpoint_layers": layers}
             try:
                 cfg.data.pack_tokens = budget
@@ -84,9 +86,11 @@ def main() -> None:
                         launches.append(round(launched, 4))
                         pairs += int(counts[3])
                         tokens += int(counts[2])
+                        if a.repeat:
+                            repeats.append(round(optimizer_window(parts, cfg, window)[0], 4))
                 row = {**setting, "samples_per_s": pairs / sum(walls), "tokens_per_s": tokens / sum(walls),
                        "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "max_row_tokens": longest,
-                       "window_s": walls, "launch_s": launches}
+                       "window_s": walls, "launch_s": launches, **({"repeat_s": repeats} if repeats else {})}
             except torch.OutOfMemoryError:
                 parts.optimizer.zero_grad(set_to_none=True)
                 row = {**setting, "oom": True}

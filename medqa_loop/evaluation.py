@@ -49,26 +49,23 @@ def evaluate(
     model,
     examples: list[dict],
     collate_fn: Callable[[list[dict]], Batch],
-    batch_size: int,
-    max_batches: int | None = None,
+    micro_batches: list[list[int]],
 ) -> EvalResult:
-    """Validation loss (summed token loss / summed weight) and token accuracy over the whole
-    (capped) split.
+    """Validation loss (summed token loss / summed weight) and token accuracy over
+    ``micro_batches`` (indices into ``examples``: batching.eval_micro_batches).
 
-    Each process takes every world-th example and the sums are reduced, so every example counts
+    Each process takes every world-th micro-batch and the sums are reduced, so every pair counts
     exactly once however many processes run. The model goes back to train mode even on error.
     """
-    if max_batches is not None:
-        examples = examples[: max_batches * batch_size]
-    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    mine = micro_batches[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(4, device=accelerator.device)  # loss sum, weight, correct, counted
     # The bare model, not the DDP wrapper: a DDP forward may broadcast buffers (a collective),
     # and processes run different numbers of batches here, some none at all.
     model = accelerator.unwrap_model(model)
     model.eval()  # dropout off
     try:
-        for i in range(0, len(mine), batch_size):
-            batch = to_device(collate_fn(mine[i : i + batch_size]), accelerator.device)
+        for indices in mine:
+            batch = to_device(collate_fn([examples[i] for i in indices]), accelerator.device)
             logits = model_logits(model, batch)
             totals[0] += weighted_loss_sum(logits, batch["labels"], batch["loss_weights"]).float()
             totals[1] += target_weight(batch)

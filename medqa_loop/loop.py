@@ -39,7 +39,9 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from tqdm.auto import tqdm
 
-from medqa_loop.batching import Batch, accumulation_windows, epoch_order, run_steps, window_batches, zero_weight_batch
+from medqa_loop.batching import (
+    Batch, accumulation_windows, epoch_order, eval_micro_batches, run_steps, window_batches, zero_weight_batch,
+)
 from medqa_loop.checkpoint.adapter import save_adapter, save_best_adapter
 from medqa_loop.checkpoint.state import Interrupted, Position, StateSaver, rng_state
 from medqa_loop.config import Config
@@ -137,11 +139,17 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
     best = best_so_far(read_metrics(hooks.log.path)) if run.start.step and hooks.log.path.is_file() else Best()
     skipped = 0  # non-finite steps whose update was dropped (train.nan_policy=skip)
 
+    val_lengths = [len(e["input_ids"]) for e in run.val_examples]
+
     def run_eval(step: int, epoch: float, max_batches: int | None = t.eval_max_batches) -> float:
-        r = evaluate(accelerator, model, run.val_examples, run.collate_fn, t.eval_batch_size, max_batches)
+        started = time.perf_counter()
+        micro_batches = eval_micro_batches(
+            val_lengths, cfg.data.batching, t.eval_batch_size, cfg.data.pack_tokens, max_batches
+        )
+        r = evaluate(accelerator, model, run.val_examples, run.collate_fn, micro_batches)
         hooks.log.write(
             step=step, epoch=round(epoch, 4), eval_loss=r.loss, eval_ppl=perplexity(r.loss),
-            eval_token_acc=r.token_acc,
+            eval_token_acc=r.token_acc, eval_time_s=time.perf_counter() - started,
         )
         if accelerator.is_main_process:  # above the progress bar, not in it
             tqdm.write(f"step {step}: eval loss {r.loss:.4f}, perplexity {perplexity(r.loss):.2f}, token accuracy {r.token_acc:.3f}")

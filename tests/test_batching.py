@@ -5,7 +5,9 @@ pairs don't interact."""
 import pytest
 import torch
 
-from medqa_loop.batching import accumulation_windows, arrange_window, collate, epoch_order, run_steps, steps_per_epoch
+from medqa_loop.batching import (
+    accumulation_windows, arrange_window, collate, epoch_order, eval_micro_batches, run_steps, steps_per_epoch,
+)
 from medqa_loop.losses import token_losses
 from medqa_loop.model import model_logits
 from medqa_loop.train import prepare_run
@@ -63,8 +65,12 @@ def test_packed_row_equals_pairs_alone_and_pairs_do_not_interact(tiny_cfg, overr
 
     from medqa_loop.evaluation import evaluate
 
-    packed_eval = evaluate(parts.accelerator, model, parts.val_examples, partial(collate, pad_id=2, packed=True), 4)
-    padded_eval = evaluate(parts.accelerator, model, parts.val_examples, partial(collate, pad_id=2), 4)
+    lengths = [len(e["input_ids"]) for e in parts.val_examples]
+    rows = eval_micro_batches(lengths, "pack", 4, 2048)
+    assert len(rows) < len(lengths) / 4  # fewer, larger forwards than batches of 4
+    packed_eval = evaluate(parts.accelerator, model, parts.val_examples, partial(collate, pad_id=2, packed=True), rows)
+    in_order = [list(range(i, min(i + 4, len(lengths)))) for i in range(0, len(lengths), 4)]
+    padded_eval = evaluate(parts.accelerator, model, parts.val_examples, partial(collate, pad_id=2), in_order)
     assert packed_eval.loss == pytest.approx(padded_eval.loss, rel=1e-5)
     assert packed_eval.token_acc == pytest.approx(padded_eval.token_acc, abs=1e-6)
 
@@ -115,3 +121,18 @@ def test_run_steps_counts_every_epochs_windows_or_stops_at_max_steps():
     assert run_steps(97, t) == 3 * 13  # a short last window is a step too
     assert run_steps(96, TrainConfig(epochs=3, micro_batch_size=2, grad_accum_steps=4, max_steps=5)) == 5
     assert run_steps(96, TrainConfig(epochs=3, micro_batch_size=2, grad_accum_steps=4, max_steps=100)) == 36
+
+
+@pytest.mark.parametrize("batching", ["pack", "group_by_length", "pad"])
+def test_eval_micro_batches_hold_each_pair_once(batching):
+    lengths = [int(n) for n in torch.randint(5, 120, (53,), generator=torch.Generator().manual_seed(0))]
+    rows = eval_micro_batches(lengths, batching, 4, 256)
+    assert sorted(i for r in rows for i in r) == list(range(53))
+    if batching == "pack":  # rows as full as first-fit makes them, none over the budget
+        assert all(sum(lengths[i] for i in r) <= 256 for r in rows)
+        assert len(rows) <= sum(lengths) / 256 + 2
+    else:  # padded: batches of 4 pairs of similar length
+        assert [len(r) for r in rows] == [4] * 13 + [1]
+        assert all(max(lengths[i] for i in r) <= min(lengths[i] for i in b) for r, b in zip(rows, rows[1:]))
+    # A cap (train.eval_max_batches, the sanity eval) takes the first batches x batch_size pairs.
+    assert sorted(i for r in eval_micro_batches(lengths, batching, 4, 256, max_batches=2) for i in r) == list(range(8))

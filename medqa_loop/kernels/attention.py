@@ -28,8 +28,7 @@ def varlen_kwargs(batch: dict[str, torch.Tensor]) -> dict:
     are (transformers passes them through to the attention function); {} for padded batches."""
     if "cu_seq_lens" not in batch:
         return {}
-    cu = batch["cu_seq_lens"]
-    longest = int((cu[1:] - cu[:-1]).max())  # the kernel's grid needs it on the host: one sync
+    cu, longest = batch["cu_seq_lens"], batch["longest_pair"]
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 

@@ -49,7 +49,7 @@ def test_per_pair_attention_equals_sdpa_with_block_diagonal_mask(scaling):
     lengths = [5, 1, 9]  # a one-token pair too
     q, k, v = qkv(lengths, heads=4, kv_heads=2, dim=8)
     cu = boundaries(lengths)
-    kwargs = varlen_kwargs({"cu_seq_lens": cu})
+    kwargs = varlen_kwargs({"cu_seq_lens": cu, "longest_pair": max(lengths)})
     out, weights = varlen_attention(Attn(2), q, k, v, None, scaling=scaling, **kwargs)
     assert weights is None and out.shape == (1, 15, 4, 8)
     # The reference: query head h reads KV head h // 2 (transformers' repeat_kv).
@@ -129,7 +129,7 @@ def test_flash_path_equals_per_pair_path_on_cuda(monkeypatch):
         raise AssertionError("the CUDA bf16 path must not fall back to one SDPA per pair")
 
     monkeypatch.setattr(attention, "_per_pair", not_here)
-    out, _ = varlen_attention(Attn(4), q, k, v, None, scaling=scale, **varlen_kwargs({"cu_seq_lens": cu}))
+    out, _ = varlen_attention(Attn(4), q, k, v, None, scaling=scale, **varlen_kwargs({"cu_seq_lens": cu, "longest_pair": max(lengths)}))
     ref = per_pair(*(t[0].transpose(0, 1) for t in (q, k, v)), cu, scale).unsqueeze(0)
     assert out.shape == ref.shape == (1, sum(lengths), 32, 128)
     g = torch.randn(out.shape, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(3))
