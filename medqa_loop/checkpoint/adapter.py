@@ -90,6 +90,8 @@ def resolve_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
         raise AdapterError(f"{path} has no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
     recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     run_file = path.parent / "config.yaml"
+    # Read, never run: the directory may come from anyone, and the code its config.yaml names
+    # (data.mask, debug.hooks) is imported only by training and debugging (medqa_loop.user_code).
     run = load_config(run_file) if run_file.is_file() else Config()
     if base is None:
         if run_file.is_file() and run.model.random_init is not None:

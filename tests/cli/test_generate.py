@@ -87,6 +87,14 @@ def test_answer_questions_takes_the_command_line_then_the_file(trained_run, tmp_
     assert got == [{"question": s["question"], "answer": s["generated"]} for s in samples]
 
 
+def test_an_adapters_config_runs_none_of_the_code_it_names(adapter_naming_code, import_probe, capsys):
+    """Its config.yaml gives the template and the base's settings; its mask and hook are never imported."""
+    code, stdout, err = run_main(capsys, "--adapter", adapter_naming_code, "--max-new-tokens", 4, "What is sepsis?")
+    assert code == 0, err
+    assert "### Question:\nWhat is sepsis?\n### Answer:\n" in stdout
+    assert not import_probe.exists()
+
+
 def test_sampling_is_seeded_and_differs_from_greedy(trained_run):
     from transformers import set_seed
 
