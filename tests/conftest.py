@@ -196,10 +196,18 @@ def no_base(monkeypatch):
     monkeypatch.setattr("medqa_loop.model.load_base", load_base)
 
 
+# The file the code shipped with adapter_naming_code's base creates when transformers runs it.
+BASE_CODE_RAN = "base_code.ran"
+
+
 @pytest.fixture
 def adapter_naming_code(trained_run, tmp_path, import_probe) -> Path:
     """trained_run's final adapter as if downloaded: a copy of the run directory (adapter, its
-    random-init base) whose config.yaml names a mask and a pausing hook in import_probe."""
+    random-init base) whose config.yaml names a mask and a pausing hook in import_probe and sets
+    model.trust_remote_code, and whose base's config.json maps AutoConfig to code of its own
+    (which creates BASE_CODE_RAN beside the adapter when run: a MistralConfig of its own, by the
+    name transformers finds the model class by)."""
+    import json
     import shutil
 
     import yaml
@@ -208,7 +216,15 @@ def adapter_naming_code(trained_run, tmp_path, import_probe) -> Path:
     for part in ("final", "base"):
         shutil.copytree(src / part, run / part)
     raw = yaml.safe_load((src / "config.yaml").read_text())
+    raw["model"]["trust_remote_code"] = True
     raw["data"]["mask"] = "import_probe:mask"
     raw["debug"].update(enabled=True, pause_at=[1], hooks=["import_probe:hook"])
     (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    (run / "base" / "base_code.py").write_text(
+        f"from pathlib import Path\n\nimport transformers\n\nPath({str(run / BASE_CODE_RAN)!r}).touch()\n\n\n"
+        "class MistralConfig(transformers.MistralConfig):\n    pass\n"
+    )
+    config = json.loads((run / "base" / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "base_code.MistralConfig"}
+    (run / "base" / "config.json").write_text(json.dumps(config))
     return run / "final"

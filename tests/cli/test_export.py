@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BASE_CODE_RAN
 
 from medqa_loop.batching import collate
 from medqa_loop.checkpoint.adapter import load_adapted_model, resolve_adapter
@@ -85,7 +86,7 @@ def test_an_adapters_config_runs_none_of_the_code_it_names(adapter_naming_code, 
     code = export(["--adapter", str(adapter_naming_code), "--out", str(out), "--dtype", "float32"])
     assert code == 0, capsys.readouterr().err
     assert (out / "model.safetensors").is_file()
-    assert not import_probe.exists()
+    assert not import_probe.exists() and not (adapter_naming_code.parent / BASE_CODE_RAN).exists()
 
 
 def test_export_refuses_to_clobber(reference, tmp_path, capsys):
