@@ -67,10 +67,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let transformers run the base model repository's own code (an adapter's config.yaml cannot)",
+    )
+
+
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("questions", nargs="*", help="question(s) to answer")
     p.add_argument("--adapter", required=True, help="adapter directory (e.g. runs/tiny/final)")
     p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    _trust_argument(p)
     p.add_argument("--file", help="questions: .txt (one per line) or .jsonl/.json/.csv/.parquet")
     p.add_argument("--question-column", help="column of --file (default: the run's data.question_column)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -94,7 +102,7 @@ def _generate(args: argparse.Namespace) -> int:
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     results = answer_questions(
         args.adapter, args.questions, settings, file=args.file, question_column=args.question_column,
-        base=args.base, seed=args.seed,
+        base=args.base, seed=args.seed, trust_remote_code=args.trust_remote_code,
     )
     for r in results:
         print(json.dumps(r) if args.jsonl else f"### Question:\n{r['question']}\n### Answer:\n{r['answer']}\n")
@@ -107,6 +115,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", required=True, help="adapter directory (e.g. runs/tiny/final)")
     p.add_argument("--out", required=True, help="directory for the merged model")
     p.add_argument("--base", help="base model (default: the one the adapter was trained on)")
+    _trust_argument(p)
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
@@ -114,7 +123,7 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
 def _export(args: argparse.Namespace) -> int:
     from medqa_loop.export import export_merged
 
-    out = export_merged(args.adapter, args.out, args.base, args.dtype, args.overwrite)
+    out = export_merged(args.adapter, args.out, args.base, args.dtype, args.overwrite, args.trust_remote_code)
     print(f"merged model ({args.dtype}) saved to {out}")
     return 0
 

@@ -253,7 +253,7 @@ def _typo_hint(key: str, names: set[str]) -> str:
 
 
 def _validate(cfg: Config) -> None:
-    from medqa_loop.masking import resolve_mask
+    from medqa_loop.masking import check_mask
 
     t, d, m, lo = cfg.train, cfg.data, cfg.model, cfg.lora
     # (rule as the error states it, its test, the keys it applies to)
@@ -323,10 +323,7 @@ def _validate(cfg: Config) -> None:
             f"config key 'data.pack_tokens' ({d.pack_tokens}) must be >= data.max_length "
             f"({d.max_length}) so that every pair fits a row"
         )
-    try:
-        resolve_mask(d.mask)
-    except ValueError as e:
-        raise ConfigError(f"config key 'data.mask': {e}") from None
+    check_mask(d.mask)  # its form: a mask by import path is imported when training tokenizes
     _validate_debug(cfg.debug)
     if "{input_text}" not in d.prompt_template:
         raise ConfigError("config key 'data.prompt_template' must contain '{input_text}'")
@@ -342,7 +339,7 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_debug(g: DebugConfig) -> None:
-    from medqa_loop.user_code import load_callable
+    from medqa_loop.user_code import check_import_path
 
     if g.every <= 0:
         raise ConfigError(f"config key 'debug.every' must be > 0, got {g.every!r}")
@@ -352,11 +349,8 @@ def _validate_debug(g: DebugConfig) -> None:
             raise ConfigError(f"config key 'debug.{key}' holds optimizer steps, counted from 1: {steps!r}")
         if steps and not g.enabled:
             raise ConfigError(f"config key 'debug.{key}' is set but debug.enabled is false")
-    for i, spec in enumerate(g.hooks):
-        try:
-            load_callable(spec, "hook")
-        except ValueError as e:
-            raise ConfigError(f"config key 'debug.hooks[{i}]': {e}") from None
+    for i, spec in enumerate(g.hooks):  # their form: imported when a debugger pauses (debug.trace)
+        check_import_path(spec, f"debug.hooks[{i}]")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,13 +24,13 @@ from medqa_loop.config import DTYPE_NAMES
 
 def export_merged(
     adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "bfloat16",
-    overwrite: bool = False,
+    overwrite: bool = False, trust_remote_code: bool = False,
 ) -> Path:
     # bfloat16 keeps fp32's range (the usual choice for Mistral); float16 has 3 more mantissa
     # bits; float32 gives a merge exact to fp32 rounding, at twice the size.
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {dtype!r}")
-    src = resolve_adapter(adapter, base)
+    src = resolve_adapter(adapter, base, trust_remote_code)  # the base's own code: only if asked
     out = Path(out).expanduser()
     if out.resolve() == src.path.resolve() or out.resolve() in src.path.resolve().parents:
         raise ValueError(f"--out {out} would overwrite the adapter {src.path}; pick another directory")

@@ -121,10 +121,11 @@ def read_questions(path: str | Path, column: str) -> list[str]:
 
 def answer_questions(
     adapter: str | Path, questions: list[str], settings: GenerationSettings, file: str | None = None,
-    question_column: str | None = None, base: str | None = None, seed: int = 0,
+    question_column: str | None = None, base: str | None = None, seed: int = 0, trust_remote_code: bool = False,
 ) -> list[dict]:
     """Answer ``questions`` (and those of ``file``) with ``adapter``: everything cheap is checked
-    first (questions, adapter, base shapes), then the model is loaded."""
+    first (questions, adapter, base shapes), then the model is loaded. ``trust_remote_code`` lets
+    the base's own code run (the adapter's config.yaml cannot: resolve_adapter)."""
     from transformers import set_seed
 
     from medqa_loop.checkpoint.adapter import adapter_tokenizer, check_adapter_fits, load_adapted_model, resolve_adapter
@@ -132,7 +133,7 @@ def answer_questions(
     for i, q in enumerate(questions):
         if not q.strip():
             raise ValueError(f"question {i + 1} on the command line is empty")
-    src = resolve_adapter(adapter, base)
+    src = resolve_adapter(adapter, base, trust_remote_code)
     questions = list(questions)
     if file:
         questions += read_questions(file, question_column or src.run.data.question_column)

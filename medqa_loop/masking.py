@@ -8,7 +8,8 @@ mask by a constant changes nothing. Padding never reaches a mask (a mask sees th
 so it has no pad positions): the collator gives pad positions weight 0.
 
 Register your own with ``@register_mask("name")`` and select it with ``data.mask: name``, or
-point ``data.mask`` at ``package.module:function`` without registering.
+point ``data.mask`` at ``package.module:function`` without registering. Such a module is imported
+when training tokenizes (resolve_mask), never when a config is read (check_mask).
 
 Weight i belongs to the *label* at position i, i.e. how much predicting token i (from tokens
 < i) counts. HF causal LMs shift labels themselves, so position 0 (BOS) is never predicted.
@@ -19,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from medqa_loop.user_code import load_callable
+from medqa_loop.config import ConfigError
+from medqa_loop.user_code import check_import_path, load_callable
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,21 @@ def prompt_weighted(ex: MaskInput) -> list[float]:
     return [PROMPT_WEIGHT] * ex.prompt_len + [1.0] * (len(ex.input_ids) - ex.prompt_len)
 
 
-def resolve_mask(spec: str) -> MaskFn:
-    """A registered name, or ``package.module:function``. Raises ValueError naming the spec."""
+def check_mask(spec: str) -> None:
+    """``data.mask`` by its form: a registered name or ``package.module:function``, which is not
+    imported (config validation). Raises ConfigError naming the key."""
     if spec in MASKS:
-        return MASKS[spec]
+        return
     if ":" not in spec:
-        raise ValueError(f"unknown mask {spec!r}: registered masks are {sorted(MASKS)}")
-    return load_callable(spec, "mask")
+        raise ConfigError(f"config key 'data.mask': unknown mask {spec!r}: registered masks are {sorted(MASKS)}")
+    check_import_path(spec, "data.mask")
+
+
+def resolve_mask(spec: str) -> MaskFn:
+    """The mask ``data.mask`` names: a registered one, or ``package.module:function`` imported
+    now and checked to take one MaskInput (training calls this before it tokenizes)."""
+    check_mask(spec)
+    return MASKS[spec] if spec in MASKS else load_callable(spec, "data.mask", ("example",))
 
 
 def apply_mask(fn: MaskFn, ex: MaskInput) -> list[float]:

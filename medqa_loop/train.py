@@ -81,7 +81,7 @@ def prepare_run(
     check_installed(cfg.train.report_to)
     accelerator = Accelerator(log_with=cfg.train.report_to or None, project_dir=cfg.output_dir)
     accelerator.print(check_processes(accelerator))
-    mask_fn = resolve_mask(cfg.data.mask)
+    mask_fn = resolve_mask(cfg.data.mask)  # a mask by import path is imported here, to tokenize
     out = Path(cfg.output_dir)
     say, world, resume_from = accelerator.print, accelerator.num_processes, None
     if resume:  # the state's files and config are checked before anything is loaded
@@ -145,13 +145,14 @@ def run(
     """Train as ``cfg`` says; return the last logged values."""
     from medqa_loop.checkpoint.state import StateSaver, examples_digest
     from medqa_loop.debug.profiling import StepProfiler
-    from medqa_loop.debug.trace import build_debugger
+    from medqa_loop.debug.trace import build_debugger, load_pause_hooks
     from medqa_loop.generate import eval_sampler
     from medqa_loop.loop import Hooks, train
     from medqa_loop.metrics import MetricsLog, read_metrics, run_summary
     from medqa_loop.trackers import start_trackers
 
     started = time.perf_counter()
+    pause_hooks = load_pause_hooks(cfg.debug)  # user code: imported here, checked before the base loads
     p = prepare_run(cfg, overwrite, resume, force_resume)
     # Every record also goes to the trackers train.report_to names (a resumed run: after its step).
     forward = start_trackers(p.accelerator, cfg, p.start.step)
@@ -165,7 +166,7 @@ def run(
         sample_answers=eval_sampler(cfg, p.accelerator, p.model, p.tokenizer, p.val_pairs, p.out / "samples.jsonl"),
         states=saver,
         profiler=StepProfiler(cfg.train.profile_steps, p.out / "profile", rank),
-        debugger=build_debugger(cfg, p.accelerator, p.model, p.optimizer, p.out),
+        debugger=build_debugger(cfg, p.accelerator, p.model, p.optimizer, p.out, pause_hooks),
     )
 
     # What exists now (the model's modules, every example's token lists) lives as long as the

@@ -167,3 +167,64 @@ def lora_parts(tmp_path_factory):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return cfg, parts
+
+
+@pytest.fixture
+def import_probe(tmp_path, monkeypatch):
+    """The file tests/support/import_probe.py creates when it is imported (``import_probe:mask``, a
+    mask; ``import_probe:hook``, a pause hook): absent until then. The module is imported afresh in
+    each test that uses this."""
+    marker = tmp_path / "import_probe.imported"
+    monkeypatch.setenv("MEDQA_IMPORT_PROBE", str(marker))
+    sys.modules.pop("import_probe", None)
+    yield marker
+    sys.modules.pop("import_probe", None)
+
+
+class BaseLoaded(Exception):
+    """What loading a base model raises under the ``no_base`` fixture."""
+
+
+@pytest.fixture
+def no_base(monkeypatch):
+    """Loading a base model (medqa_loop.model.load_base) raises BaseLoaded: a test sees what a
+    run does, or refuses, before the weights load."""
+
+    def load_base(*args, **kwargs):
+        raise BaseLoaded
+
+    monkeypatch.setattr("medqa_loop.model.load_base", load_base)
+
+
+# The file the code shipped with adapter_naming_code's base creates when transformers runs it.
+BASE_CODE_RAN = "base_code.ran"
+
+
+@pytest.fixture
+def adapter_naming_code(trained_run, tmp_path, import_probe) -> Path:
+    """trained_run's final adapter as if downloaded: a copy of the run directory (adapter, its
+    random-init base) whose config.yaml names a mask and a pausing hook in import_probe and sets
+    model.trust_remote_code, and whose base's config.json maps AutoConfig to code of its own
+    (which creates BASE_CODE_RAN beside the adapter when run: a MistralConfig of its own, by the
+    name transformers finds the model class by)."""
+    import json
+    import shutil
+
+    import yaml
+
+    src, run = Path(trained_run.output_dir), tmp_path / "downloaded"
+    for part in ("final", "base"):
+        shutil.copytree(src / part, run / part)
+    raw = yaml.safe_load((src / "config.yaml").read_text())
+    raw["model"]["trust_remote_code"] = True
+    raw["data"]["mask"] = "import_probe:mask"
+    raw["debug"].update(enabled=True, pause_at=[1], hooks=["import_probe:hook"])
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    (run / "base" / "base_code.py").write_text(
+        f"from pathlib import Path\n\nimport transformers\n\nPath({str(run / BASE_CODE_RAN)!r}).touch()\n\n\n"
+        "class MistralConfig(transformers.MistralConfig):\n    pass\n"
+    )
+    config = json.loads((run / "base" / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "base_code.MistralConfig"}
+    (run / "base" / "config.json").write_text(json.dumps(config))
+    return run / "final"

@@ -44,6 +44,8 @@ def test_overrides_parse_yaml_values():
         ("data.val_fraction=1.5", ["data.val_fraction"]),
         ("lora.dropout=1", ["lora.dropout"]),
         ("data.mask=everything", ["data.mask", "completion_only"]),
+        ("data.mask='mypkg.masks:'", ["data.mask", "'mypkg.masks:'", "package.module:function"]),
+        ("data.mask=my-pkg:fn", ["data.mask", "'my-pkg:fn'", "package.module:function"]),
         ("model.dtype=fp8", ["model.dtype"]),
         ("model.random_init.hiden_size=8", ["model.random_init.hiden_size"]),
         ("train.lr.x=1", ["train.lr"]),
@@ -57,6 +59,18 @@ def test_bad_config_names_the_key(override, names):
         load_config(TINY, [override])
     for name in names:
         assert name in str(err.value)
+
+
+def test_reading_a_config_imports_none_of_the_code_it_names(import_probe, tmp_path):
+    """A mask and a pausing hook by import path, in a file and by --set: validated by form, never
+    imported (the mask is imported when training tokenizes, the hook when a debugger pauses)."""
+    names_code = tmp_path / "names_code.yaml"
+    names_code.write_text("data:\n  mask: import_probe:mask\ndebug:\n  hooks: [import_probe:hook]\n")
+    from_file = load_config(names_code, ["debug.enabled=true", "debug.pause_at=[1]"])
+    from_set = load_config(TINY, ["data.mask=import_probe:mask", "debug.hooks=[import_probe:hook]"])
+    assert from_file.data.mask == from_set.data.mask == "import_probe:mask"
+    assert from_file.debug.hooks == from_set.debug.hooks == ["import_probe:hook"]
+    assert not import_probe.exists()
 
 
 def test_bad_config_file_is_named(tmp_path):

@@ -1,16 +1,19 @@
-"""Loss masks: the built-ins on real tokenizer output, custom masks by import path and their effect
-on the gradient, fully masked micro-batches, and the README's example through the real loop."""
+"""Loss masks: the built-ins on real tokenizer output, custom masks by import path (imported when
+training tokenizes, checked before they are called) and their effect on the gradient, fully masked
+micro-batches, and the README's example through the real loop."""
 
 import dataclasses
 import math
 import re
+import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, BaseLoaded
 from medqa_loop.batching import accumulation_windows, collate, epoch_order
-from medqa_loop.config import DataConfig, load_config
+from medqa_loop.cli import main
+from medqa_loop.config import ConfigError, DataConfig, load_config
 from medqa_loop.data import encode_pairs, load_pairs, split_pairs
 from medqa_loop.loop import Hooks, backward_window, train, window_counts
 from medqa_loop.losses import token_losses
@@ -108,6 +111,45 @@ def test_fully_masked_micro_batch_and_window_give_no_nan(lora_parts):
     assert counts[0] == 0 and loss_sum == 0
     assert all(torch.equal(g, torch.zeros_like(g)) for g in grads(model).values())
     model.zero_grad(set_to_none=True)
+
+
+def test_a_mask_by_import_path_is_imported_when_training_tokenizes(tiny_cfg, import_probe, no_base):
+    cfg = tiny_cfg("data.mask=import_probe:mask")
+    assert not import_probe.exists()  # reading the config ran nothing
+    with pytest.raises(BaseLoaded):
+        prepare_run(cfg)
+    # Imported by training, and called once per pair of the data as it was tokenized.
+    assert import_probe.exists()
+    assert sorted(sys.modules["import_probe"].MASKED_ROWS) == sorted(load_pairs(cfg.data).rows)
+
+
+@pytest.mark.parametrize(
+    "spec, names",
+    [
+        ("user_plugins:record", ["'user_plugins:record' takes record(step, model, batches)",
+                                 "called as record(example)", "missing a required argument: 'model'"]),
+        ("user_plugins:CALLS", ["'user_plugins:CALLS' is not callable (a list)"]),
+        ("user_plugins:nope", ["cannot import 'user_plugins:nope'", "has no 'nope'"]),
+        ("broken_plugin:mask", ["cannot import 'broken_plugin:mask'", "RuntimeError: broken_plugin fails"]),
+    ],
+)
+def test_a_mask_that_cannot_be_called_as_a_mask_is_refused_before_the_base_loads(
+    spec, names, tmp_path, no_base, capsys
+):
+    """One line naming the key and the spec, exit 2, before any pair is masked or the base loads."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--config", TINY, "--set", f"output_dir={tmp_path / 'run'}", "--set", f"data.mask={spec}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("medqa train: error: config key 'data.mask': ")
+    for name in names:
+        assert name in err
+    assert "Traceback" not in err
+
+
+def test_an_import_error_in_a_mask_keeps_its_cause():
+    with pytest.raises(ConfigError, match="config key 'data.mask': cannot import 'broken_plugin:mask'") as err:
+        resolve_mask("broken_plugin:mask")
+    assert isinstance(err.value.__cause__, RuntimeError)
 
 
 def readme_mask_example() -> str:

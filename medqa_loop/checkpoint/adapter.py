@@ -5,7 +5,9 @@ with what it needs: the base it belongs to, its run's settings, its tokenizer.
 Read by medqa_loop.generate and medqa_loop.export. An adapter directory written by the loop
 (``<output_dir>/epoch-<n>`` or ``final``) sits next to the run's ``config.yaml``; from there we
 take the prompt template and the base's loading settings (8-bit, dtype, outlier threshold), so the
-adapter is used exactly as it was trained. Any PEFT LoRA directory works too, with the defaults.
+adapter is used exactly as it was trained; never code (the mask and hooks it names are not imported,
+and its model.trust_remote_code is replaced by the caller's). Any PEFT LoRA directory works too,
+with the defaults.
 
 Everything that can be wrong (missing directory, no weights, an adapter made for another base)
 is checked from configs and tensor *shapes* only, before a single base weight is read.
@@ -51,7 +53,7 @@ class AdapterSource:
     path: Path
     base: str  # where the base is loaded from
     recorded_base: str | None  # adapter_config.json's base_model_name_or_path
-    run: Config  # the run's config.yaml, or the defaults when the adapter has none beside it
+    run: Config  # the run's config.yaml (but model.trust_remote_code), or the defaults when it has none
 
 
 BEST = "best"
@@ -78,9 +80,11 @@ def save_best_adapter(accelerator, model, out: Path, tokenizer, step: int, eval_
     return best
 
 
-def resolve_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
+def resolve_adapter(path: str | Path, base: str | None = None, trust_remote_code: bool = False) -> AdapterSource:
     """Check the directory and work out its base: ``base`` if given; else the random-init base
-    the run built (``<run>/base``); else the base named in ``adapter_config.json``."""
+    the run built (``<run>/base``); else the base named in ``adapter_config.json``. The base's
+    repository code runs only with ``trust_remote_code`` (--trust-remote-code), whatever the
+    run's config.yaml says."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise AdapterError(f"adapter directory not found: {path}")
@@ -90,7 +94,11 @@ def resolve_adapter(path: str | Path, base: str | None = None) -> AdapterSource:
         raise AdapterError(f"{path} has no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
     recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     run_file = path.parent / "config.yaml"
+    # Read, never run: the directory may come from anyone, and the code its config.yaml names
+    # (data.mask, debug.hooks) is imported only by training and debugging (medqa_loop.user_code).
     run = load_config(run_file) if run_file.is_file() else Config()
+    # Nor may it turn on the base's own code (its base/ may come with it): only this command's user.
+    run.model.trust_remote_code = trust_remote_code
     if base is None:
         if run_file.is_file() and run.model.random_init is not None:
             # train.py built this base under the run directory; the recorded path is relative

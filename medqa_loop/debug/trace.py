@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -47,6 +47,21 @@ class NonFinite:
     message: str  # the first LoRA output and gradient that did, and where the bundle went
 
 
+# What before_clip passes every pause hook, by name (what load_pause_hooks checks a hook accepts).
+HOOK_PARAMS = ("step", "model", "batches")
+
+
+def load_pause_hooks(debug) -> list[Callable]:
+    """The hooks ``debug.hooks`` names, imported only when they will be called: debugging on and
+    a ``debug.pause_at`` step set (otherwise nothing is imported). Raises ConfigError naming the
+    hook's key when one cannot be imported or cannot be called as fn(step, model, batches)."""
+    from medqa_loop.user_code import load_callable
+
+    if not (debug.enabled and debug.pause_at):
+        return []
+    return [load_callable(spec, f"debug.hooks[{i}]", HOOK_PARAMS) for i, spec in enumerate(debug.hooks)]
+
+
 def pdb_hook(step: int, model, batches: list[Batch]) -> None:
     """The default pause hook: a pdb prompt after backward, before clipping.
 
@@ -60,18 +75,20 @@ class GradientDebugger:
     """Trace, attribution, where a NaN/inf was born, pause hooks and snapshots (module docstring).
 
     ``out_dir`` None writes no trace and no bundles (replay keeps the trace in ``last_trace``);
-    ``guard`` False looks for no non-finite value (replay shows them as they are).
+    ``guard`` False looks for no non-finite value (replay shows them as they are); ``hooks`` are
+    called at the ``debug.pause_at`` steps (load_pause_hooks imports them).
     """
 
-    def __init__(self, cfg, accelerator, model, optimizer, out_dir: Path | None, guard: bool = True):
-        from medqa_loop.user_code import load_callable
-
+    def __init__(
+        self, cfg, accelerator, model, optimizer, out_dir: Path | None, guard: bool = True,
+        hooks: Sequence[Callable] = (),
+    ):
         self.cfg, self.accelerator, self.model, self.optimizer = cfg.debug, accelerator, model, optimizer
         self.out = Path(out_dir) if out_dir is not None else None
         self.guard = guard
         self.max_grad_norm = cfg.train.max_grad_norm
         self.nan_policy = cfg.train.nan_policy
-        self.hooks = [load_callable(spec, "hook") for spec in self.cfg.hooks]
+        self.hooks = list(hooks)
         unwrapped = accelerator.unwrap_model(model)
         self.params = trainable(unwrapped)
         self._bundled_non_finite = False
@@ -259,8 +276,10 @@ def _describe(where: dict | None) -> str:
     return f"{where['module']}{micro}"
 
 
-def build_debugger(cfg, accelerator, model, optimizer, out_dir: Path) -> GradientDebugger | None:
-    return GradientDebugger(cfg, accelerator, model, optimizer, out_dir) if cfg.debug.enabled else None
+def build_debugger(
+    cfg, accelerator, model, optimizer, out_dir: Path, hooks: Sequence[Callable] = ()
+) -> GradientDebugger | None:
+    return GradientDebugger(cfg, accelerator, model, optimizer, out_dir, hooks=hooks) if cfg.debug.enabled else None
 
 
 def format_table(trace: dict) -> str:

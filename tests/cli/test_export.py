@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BASE_CODE_RAN
 
 from medqa_loop.batching import collate
 from medqa_loop.checkpoint.adapter import load_adapted_model, resolve_adapter
@@ -78,6 +79,14 @@ def test_exported_model_is_plain_transformers_with_the_adapters_logits(dtype, re
     assert (base_only - unmerged).abs().max() > 1.0
     assert (got - int8_logits).abs().max() < INT8_TOL
     assert (got.argmax(-1) == int8_logits.argmax(-1)).float().mean() > INT8_ARGMAX_AGREEMENT
+
+
+def test_an_adapters_config_runs_none_of_the_code_it_names(adapter_naming_code, import_probe, tmp_path, capsys):
+    out = tmp_path / "merged"
+    code = export(["--adapter", str(adapter_naming_code), "--out", str(out), "--dtype", "float32"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "model.safetensors").is_file()
+    assert not import_probe.exists() and not (adapter_naming_code.parent / BASE_CODE_RAN).exists()
 
 
 def test_export_refuses_to_clobber(reference, tmp_path, capsys):

@@ -19,7 +19,7 @@ from medqa_loop.generate import GenerationSettings, answer_questions, generate_a
 from medqa_loop.masking import MASKS
 from medqa_loop.metrics import read_metrics
 
-from conftest import subprocess_env
+from conftest import BASE_CODE_RAN, subprocess_env
 
 
 def final_adapter(cfg) -> Path:
@@ -85,6 +85,36 @@ def test_answer_questions_takes_the_command_line_then_the_file(trained_run, tmp_
     table.write_text(json.dumps({"question": samples[1]["question"]}) + "\n")
     got = answer_questions(final_adapter(trained_run), [samples[0]["question"]], GenerationSettings(12), file=str(table))
     assert got == [{"question": s["question"], "answer": s["generated"]} for s in samples]
+
+
+def test_an_adapters_config_runs_none_of_the_code_it_names(adapter_naming_code, import_probe, capsys):
+    """Its config.yaml gives the template and the base's settings; its mask and hook are never
+    imported, and its model.trust_remote_code does not let the base's own code run."""
+    code, stdout, err = run_main(capsys, "--adapter", adapter_naming_code, "--max-new-tokens", 4, "What is sepsis?")
+    assert code == 0, err
+    assert "### Question:\nWhat is sepsis?\n### Answer:\n" in stdout
+    assert not import_probe.exists() and not (adapter_naming_code.parent / BASE_CODE_RAN).exists()
+
+
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """transformers copies a repository's code into its modules cache to run it: a temporary one
+    here, so that the test leaves ~/.cache and sys.path as they were."""
+    import transformers.dynamic_module_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # init_hf_modules appends the cache to it
+    yield
+    for name in [m for m in sys.modules if m.split(".")[0] == "transformers_modules"]:
+        del sys.modules[name]
+
+
+def test_the_bases_own_code_runs_only_with_trust_remote_code(adapter_naming_code, import_probe, modules_cache, capsys):
+    argv = ["--adapter", adapter_naming_code, "--max-new-tokens", 4, "--trust-remote-code", "What is sepsis?"]
+    code, _, err = run_main(capsys, *argv)
+    assert code == 0, err
+    assert (adapter_naming_code.parent / BASE_CODE_RAN).exists()  # the user asked for it
+    assert not import_probe.exists()  # the mask and hook: still never
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(trained_run):

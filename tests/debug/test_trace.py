@@ -16,7 +16,7 @@ from medqa_loop.config import ConfigError, load_config
 from medqa_loop.data import load_pairs, split_pairs
 from medqa_loop.debug.int8 import Int8Outliers
 from medqa_loop.debug.replay import bitwise_equal, replay
-from medqa_loop.debug.trace import GradientDebugger, NonFinite, build_debugger, format_table
+from medqa_loop.debug.trace import GradientDebugger, NonFinite, build_debugger, format_table, load_pause_hooks
 from medqa_loop.loop import NonFiniteError
 from medqa_loop.loop import backward_window, forward_loss_sum, window_counts
 from medqa_loop.losses import target_weight
@@ -330,9 +330,8 @@ def test_int8_outlier_columns_are_those_llm_int8_splits_off(lora_parts):
         ("debug.every=0", ["debug.every"]),
         ("train.nan_policy=ignore", ["train.nan_policy", "stop, skip"]),
         ("debug.pause_at=[0]", ["debug.pause_at", "from 1"]),
-        ("debug.hooks=[user_plugins:nope]", ["debug.hooks[0]", "user_plugins:nope"]),
-        ("debug.hooks=[no_such_module:f]", ["debug.hooks[0]", "no_such_module"]),
         ("debug.hooks=[print]", ["debug.hooks[0]", "package.module:function"]),
+        ("debug.hooks=[user_plugins:record, user_plugins:a.b]", ["debug.hooks[1]", "package.module:function"]),
     ],
 )
 def test_bad_debug_config_names_the_key(override, names):
@@ -340,6 +339,40 @@ def test_bad_debug_config_names_the_key(override, names):
         load_config(TINY, ["debug.enabled=true", override])
     for name in names:
         assert name in str(err.value)
+
+
+def test_hooks_are_imported_only_by_a_debugger_that_pauses(import_probe):
+    hooked = ["debug.enabled=true", "debug.hooks=[import_probe:hook]"]
+    assert load_pause_hooks(load_config(TINY, hooked).debug) == []  # debugging, but no pause
+    pausing = load_config(TINY, [*hooked, "debug.pause_at=[1]"])
+    assert not import_probe.exists()  # neither config nor a debugger that never pauses imported it
+    (hook,) = load_pause_hooks(pausing.debug)
+    assert import_probe.exists() and hook.__module__ == "import_probe" and hook.__name__ == "hook"
+
+
+@pytest.mark.parametrize(
+    "spec, names",
+    [
+        ("user_plugins:even_rows_only", [
+            "'user_plugins:even_rows_only' takes even_rows_only(ex",
+            "called as even_rows_only(step, model, batches)", "too many positional arguments",
+        ]),
+        ("user_plugins:CALLS", ["'user_plugins:CALLS' is not callable (a list)"]),
+        ("user_plugins:nope", ["cannot import 'user_plugins:nope'", "has no 'nope'"]),
+        ("no_such_module:f", ["cannot import 'no_such_module:f'", "ModuleNotFoundError"]),
+        ("broken_plugin:hook", ["cannot import 'broken_plugin:hook'", "RuntimeError: broken_plugin fails"]),
+    ],
+)
+def test_a_hook_that_cannot_be_called_as_a_hook_is_refused_before_the_base_loads(spec, names, tiny_cfg, no_base):
+    """The second hook is bad: the error names its key and spec before the run starts."""
+    cfg = tiny_cfg("debug.enabled=true", "debug.pause_at=[1]", f"debug.hooks=[user_plugins:record, {spec}]")
+    with pytest.raises(ConfigError) as err:
+        run(cfg)
+    assert str(err.value).startswith("config key 'debug.hooks[1]': ")
+    for name in names:
+        assert name in str(err.value)
+    if "cannot import" in names[0]:
+        assert err.value.__cause__ is not None  # the user's own error, for its traceback
 
 
 def test_debug_options_need_debug_enabled():
