@@ -23,6 +23,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +124,16 @@ def summarize(metrics: Path, profiled: set[int] = frozenset()) -> dict:
     }
 
 
+def job_parts(metrics: Path, wall_s: float) -> dict:
+    """Where a whole run's wall time went: its optimizer steps, its evaluations, and the rest
+    (start-up: imports, base load, tokenization; adapter and state saves; the summary)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps_s = sum(r["step_time_s"] for r in records if "loss" in r)
+    evals = [r["eval_time_s"] for r in records if "eval_time_s" in r]
+    return {"wall_s": round(wall_s, 1), "steps_s": round(steps_s, 1), "evals": len(evals),
+            "eval_s": [round(e, 2) for e in evals], "rest_s": round(wall_s - steps_s - sum(evals), 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/bench")
@@ -132,6 +143,9 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks"), help="where results.jsonl and BENCHMARKS.md go")
     p.add_argument("--mean-tokens", type=float, default=470)
     p.add_argument("--sigma", type=float, default=0.45)
+    p.add_argument("--with-evals", action="store_true", help="keep the recipe's evaluations (sanity, every "
+                   "train.eval_every steps, epoch ends) and saves, and report the process's wall time and "
+                   "the seconds in steps and in evaluations: the whole job's parts")
     p.add_argument("--profile-step", type=int, help="record this step of the medqa_loop variants with "
                    "torch.profiler (<workdir>/runs/<variant>/profile/, medqa_loop.profiling); it is not timed")
     a = p.parse_args()
@@ -158,17 +172,21 @@ def main() -> None:
             quant, overrides = VARIANTS[name]
             run_dir = work / "runs" / name
             sets = [f"output_dir={run_dir}", f"model.name_or_path={base}", f"model.tokenizer={tok}",
-                    f"data.dataset={data}", f"train.max_steps={a.steps}", "train.eval_every=100000",
-                    "train.sanity_eval_batches=0", *overrides]
+                    f"data.dataset={data}", f"train.max_steps={a.steps}", *overrides]
+            if not a.with_evals:
+                sets += ["train.eval_every=100000", "train.sanity_eval_batches=0"]
             profiled = {a.profile_step} if a.profile_step else set()
             if profiled:
                 sets.append(f"train.profile_steps=[{a.profile_step}]")
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    "accelerate_config.yaml", "-m", "medqa_loop.train", "--config", "configs/recipe.yaml",
                    "--overwrite", *[x for s in sets for x in ("--set", s)]]
+            started = time.perf_counter()
             if sh(cmd, log).returncode:
                 continue
             result = summarize(run_dir / "metrics.jsonl", profiled)
+            if a.with_evals:
+                result["job"] = job_parts(run_dir / "metrics.jsonl", time.perf_counter() - started)
         tokens = result["tokens_per_s"]
         row = {
             "date": date, "gpu": gpu, "variant": name, "quant": quant,
@@ -178,6 +196,7 @@ def main() -> None:
             "mfu": round(tokens * 4 * N_PARAMS / PEAK_FLOPS, 4),
             "mean_tokens": a.mean_tokens, "sigma": a.sigma, "steps_timed": result["steps_timed"],
             "step_s": result.get("step_s"),  # None for the HF Trainer reference
+            **({"job": result["job"]} if "job" in result else {}),
             "code": code_digest(),
             "command": shlex.join(cmd).replace(str(ROOT) + "/", ""),
         }
