@@ -21,8 +21,7 @@ weights and lm_head):
   then ``medqa_loop.losses.weighted_loss_sum``) against Liger's fused linear cross-entropy
   (reduction sum, ignore_index -100): on every row with the labels shifted as its
   LigerForCausalLMLoss does, on the rows whose next label is a target, and with reduction
-  "none" times the per-token weights (what weights other than 1.0 would need); and against
-  ``medqa_loop.losses.fused_linear_loss_sum(rows, weight, targets, weights)`` where it exists.
+  "none" times the per-token weights (what weights other than 1.0 would need).
 
 Each row: fwd_ms and fwd_bwd_ms (``gpu_ms`` of kernel_bench.py: median of 20 calls timed by
 CUDA events after 3 warm-up calls; the forward records the autograd graph as in training; the
@@ -466,21 +465,6 @@ def loss_head(bench: Bench, t: int, liger) -> None:
             f"{name}: per-token losses times the weights, what weights other than 1.0 "
             "need; its backward recomputes the logits",
         )
-    fused = getattr(losses, "fused_linear_loss_sum", None)
-    if fused is None:
-        note = "skipped: medqa_loop.losses has no fused_linear_loss_sum"
-        bench.rows.emit({"op": op, "impl": "ours fused_linear_loss_sum", "note": note})
-        return
-
-    def ours(h):
-        rows, targets, w = target_rows(h, labels, weights)
-        return fused(rows, weight, targets, w)
-
-    measure(
-        "ours fused_linear_loss_sum",
-        ours,
-        "medqa_loop.losses.fused_linear_loss_sum on the rows whose next label is a target",
-    )
 
 
 # -- the CPU check of the loss head's indexing ---------------------------------------------------
@@ -527,8 +511,6 @@ def cpu_check() -> int:
             got["every row, causal-LM shift"] = F.cross_entropy(
                 logits, causal_lm_targets(labels), reduction="sum"
             )
-        if (fused := getattr(losses, "fused_linear_loss_sum", None)) is not None:
-            got["fused_linear_loss_sum"] = fused(rows, weight, targets, w)
         for path, loss in got.items():
             (grad,) = torch.autograd.grad(loss, hidden)
             rel = abs(loss.item() - want.item()) / abs(want.item())

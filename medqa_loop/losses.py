@@ -39,26 +39,6 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.cat(chunks).view_as(targets)
 
 
-def _head_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor):
-    return (_cross_entropy(hidden @ weight.T, targets) * weights).sum()
-
-
-def fused_linear_loss_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """Sum of weight * cross-entropy of (hidden @ weight.T) against targets, never holding the
-    [rows, vocab] logits: ``hidden`` [N, H] holds only the rows whose next token is a target
-    (already shifted), and each chunk's logits are recomputed in backward rather than kept."""
-    chunks = [
-        checkpoint(_head_loss_sum, hidden[i : i + CE_CHUNK], weight, targets[i : i + CE_CHUNK],
-                   weights[i : i + CE_CHUNK], use_reentrant=False)
-        if torch.is_grad_enabled()
-        else _head_loss_sum(hidden[i : i + CE_CHUNK], weight, targets[i : i + CE_CHUNK], weights[i : i + CE_CHUNK])
-        for i in range(0, targets.numel(), CE_CHUNK)
-    ]
-    return torch.stack(chunks).sum() if chunks else hidden.sum() * 0
-
-
 def weighted_loss_sum(
     logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
