@@ -14,7 +14,7 @@ from typing import NotRequired, TypedDict
 
 import torch
 
-from medqa_loop.losses import IGNORE_INDEX
+from medqa_loop.losses import IGNORE_INDEX, shifted_targets
 
 
 class Batch(TypedDict):
@@ -27,6 +27,10 @@ class Batch(TypedDict):
     labels: torch.Tensor  # [B, T] long, -100 where the loss weight is 0 (unshifted)
     loss_weights: torch.Tensor  # [B, T] float32, the loss mask's weight per label
     rows: torch.Tensor  # [pairs] the pairs' rows in the loaded dataset
+    # losses.shifted_targets of labels and loss_weights: where the fused loss head reads
+    target_positions: torch.Tensor  # [targets] long, flattened [B, T] positions whose next label is a target
+    targets: torch.Tensor  # [targets] long, those next labels
+    target_weights: torch.Tensor  # [targets] float32, their weights
     position_ids: NotRequired[torch.Tensor]  # packed only: [1, T], restarting at 0 per pair
     cu_seq_lens: NotRequired[torch.Tensor]  # packed only: [pairs + 1] int32 pair boundaries
     longest_pair: NotRequired[int]  # packed only: the longest pair's tokens, on the host (FlashAttention's grid)
@@ -54,7 +58,7 @@ def collate(examples: list[dict], pad_id: int, packed: bool = False) -> Batch:
             "loss_weights": cat("loss_weights", 0.0),
             "position_ids": [p for e in examples for p in range(len(e["input_ids"]))],
         }
-        return {
+        return _with_targets({
             "input_ids": torch.tensor([row["input_ids"]]),
             "attention_mask": torch.ones(1, len(row["input_ids"]), dtype=torch.long),
             "position_ids": torch.tensor([row["position_ids"]]),
@@ -68,13 +72,13 @@ def collate(examples: list[dict], pad_id: int, packed: bool = False) -> Batch:
             "labels": torch.tensor([row["labels"]]),
             "loss_weights": torch.tensor([row["loss_weights"]], dtype=torch.float32),
             "rows": torch.tensor([e["row"] for e in examples]),
-        }
+        })
     width = max(len(e["input_ids"]) for e in examples)
 
     def pad(key: str, value, dtype) -> torch.Tensor:
         return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples], dtype=dtype)
 
-    return {
+    return _with_targets({
         "input_ids": pad("input_ids", pad_id, torch.long),
         "attention_mask": torch.tensor(
             [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
@@ -82,7 +86,12 @@ def collate(examples: list[dict], pad_id: int, packed: bool = False) -> Batch:
         "labels": pad("labels", -100, torch.long),
         "loss_weights": pad("loss_weights", 0.0, torch.float32),
         "rows": torch.tensor([e["row"] for e in examples]),
-    }
+    })
+
+
+def _with_targets(batch: dict) -> Batch:
+    positions, targets, weights = shifted_targets(batch["labels"], batch["loss_weights"])
+    return {**batch, "target_positions": positions, "targets": targets, "target_weights": weights}
 
 
 def arrange_window(
@@ -184,4 +193,5 @@ def zero_weight_batch(example: dict, collate_fn, device) -> Batch:
     batch = to_device(collate_fn([example]), device)
     batch["labels"].fill_(IGNORE_INDEX)
     batch["loss_weights"].zero_()
+    batch["target_weights"].zero_()  # the fused head's copy of the weights
     return batch

@@ -46,9 +46,9 @@ from medqa_loop.checkpoint.adapter import save_adapter, save_best_adapter
 from medqa_loop.checkpoint.state import Interrupted, Position, StateSaver, rng_state
 from medqa_loop.config import Config
 from medqa_loop.evaluation import Best, best_so_far, evaluate
-from medqa_loop.losses import target_tokens, target_weight, weighted_loss_sum
+from medqa_loop.losses import target_tokens, target_weight
 from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity, read_metrics
-from medqa_loop.model import model_logits
+from medqa_loop.model import model_loss_sum
 from medqa_loop.optim import lr_at, optimizer_step, schedule_warnings, set_lr
 
 if TYPE_CHECKING:
@@ -69,11 +69,6 @@ class Hooks:
     states: StateSaver | None = None  # training states, and the stop on SIGTERM/SIGINT
     profiler: StepProfiler | None = None  # torch.profiler around train.profile_steps
     debugger: GradientDebugger | None = None  # debug.enabled: trace, NaN/inf guard, hooks
-
-
-def forward_loss_sum(model, batch: Batch) -> torch.Tensor:
-    """Sum of weighted token losses of one batch (no normalisation: the caller divides once)."""
-    return weighted_loss_sum(model_logits(model, batch), batch["labels"], batch["loss_weights"])
 
 
 def window_counts(accelerator, batches: list[Batch]) -> torch.Tensor:
@@ -112,7 +107,7 @@ def backward_window(
         # Gradients are all-reduced once per window, on its last micro-batch.
         sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
         with sync:
-            micro_loss = forward_loss_sum(model, batch)
+            micro_loss = model_loss_sum(model, batch)
             accelerator.backward(micro_loss * scale.to(micro_loss.dtype))
         loss_sum += micro_loss.detach().float()
         if on_micro_batch is not None:

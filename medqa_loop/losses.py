@@ -39,6 +39,17 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.cat(chunks).view_as(targets)
 
 
+def shifted_targets(labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions, targets, their weights) of a [B, T] batch: the positions, flattened over its
+    rows, whose *next* label is a target, and those labels. What the fused loss head reads
+    (medqa_loop.kernels.patch): the final hidden states there, never a logit of a prompt
+    position. The collate computes them on the host, so the GPU needs no ``nonzero``."""
+    following = labels[:, 1:]
+    keep = following != IGNORE_INDEX
+    rows, cols = keep.nonzero(as_tuple=True)
+    return rows * labels.size(1) + cols, following[keep], weights[:, 1:][keep]
+
+
 def weighted_loss_sum(
     logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:

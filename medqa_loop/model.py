@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from medqa_loop.kernels import attention
+from medqa_loop.kernels.patch import uses_target_loss
+from medqa_loop.losses import weighted_loss_sum
 from medqa_loop.batching import Batch
 from medqa_loop.config import EMBEDDED_TOKENIZER, LoraSettings, ModelConfig
 
@@ -203,14 +205,29 @@ def is_int8_linear(module) -> bool:
     return isinstance(module, bnb.nn.Linear8bitLt) and module.weight.dtype == torch.int8
 
 
-def model_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits of a padded or packed batch (batching.collate makes both)."""
+def _model_inputs(batch: Batch) -> dict:
     if "position_ids" in batch:  # packed: pairs are separated by position restarts (sdpa, eager,
         # flex build a block-diagonal mask from them) and by cu_seq_lens (varlen reads these)
-        return model(
-            input_ids=batch["input_ids"], position_ids=batch["position_ids"], **attention.varlen_kwargs(batch)
-        ).logits
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], **attention.varlen_kwargs(batch)}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def model_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits of a padded or packed batch (batching.collate makes both)."""
+    return model(**_model_inputs(batch)).logits
+
+
+def model_loss_sum(model, batch: Batch) -> torch.Tensor:
+    """Sum of the weighted token losses of a batch (no normalisation: the loop divides once).
+
+    With the fused loss head (``model.fused_ops``; medqa_loop.kernels.patch) the model computes
+    it from its final hidden states at the target positions alone; otherwise it comes from every
+    position's logits (losses.weighted_loss_sum). The same sum: tests/kernels/test_loss_head.py.
+    """
+    if not uses_target_loss(model):
+        return weighted_loss_sum(model_logits(model, batch), batch["labels"], batch["loss_weights"])
+    targets = {k: batch[k] for k in ("target_positions", "targets", "target_weights")}
+    return model(**_model_inputs(batch), **targets).loss
 
 
 def module_name(name: str) -> str:

@@ -12,7 +12,9 @@ its rotary function swapped (``_with_fused_rotary``). The swaps:
 * ``use_fused_ops`` (``model.fused_ops: true``): LoRA linears through ``LoraLinear`` (the MLP's
   down_proj through ``BaseAfterLora`` too), RMSNorms through ``RMSNormFn``, SiLU MLPs through
   ``SiluMul``, the attention's ``apply_rotary_pos_emb`` through ``RotaryFn`` where it covers the
-  inputs.
+  inputs, and the causal LM's loss head (``_target_loss_forward``): called with a batch's target
+  positions, it returns the weighted loss sum from the final hidden states at those positions
+  (``ops.linear_cross_entropy_sum``), never computing a logit elsewhere or keeping one.
 * ``register_varlen_attention`` (``model.attn_implementation: varlen``): the packed-pair attention
   of ``medqa_loop.kernels.attention`` under that name in transformers' attention registry.
 """
@@ -119,6 +121,35 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return LoraLinear.apply(x, w, scb, base.bias, *lora)
 
 
+def _target_loss_forward(
+    self, input_ids=None, attention_mask=None, position_ids=None, *, target_positions=None, targets=None,
+    target_weights=None, **kwargs,
+):
+    """A causal LM's forward that, given a batch's target positions (batching.Batch), returns as
+    ``.loss`` the sum of target_weights x cross-entropy of the next token there, from the final
+    hidden states at those positions: no lm_head over prompt positions, no [tokens, vocab] logits
+    kept. Without them (generation, evaluation) it is the stock forward. Called through PEFT's and
+    DDP's forwards like any forward, so DDP's gradient bookkeeping sees it."""
+    if target_positions is None:
+        return type(self).forward(self, input_ids, attention_mask, position_ids, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # PEFT passes labels=None and the like
+    hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+    rows = hidden.last_hidden_state.flatten(0, 1)[target_positions]
+    return CausalLMOutputWithPast(
+        loss=ops.linear_cross_entropy_sum(rows, self.lm_head.weight, targets, target_weights)
+    )
+
+
+def uses_target_loss(model) -> bool:
+    """Whether ``model`` (its DDP and PEFT wrappers looked through) has the fused loss head."""
+    model = getattr(model, "module", model)  # DDP
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
+    return getattr(model.forward, "__func__", None) is _target_loss_forward
+
+
 def _rmsnorm_forward(self, x: torch.Tensor) -> torch.Tensor:
     if self.weight.requires_grad:
         return type(self).forward(self, x)
@@ -134,16 +165,21 @@ def _is_silu(act) -> bool:
 
 
 def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
-    """Route LoRA linears, RMSNorms, SiLU MLPs and the attention's rotary embedding of ``model``
-    (after PEFT wrapping) through the fused functions; return how many of each. Call after
+    """Route LoRA linears, RMSNorms, SiLU MLPs, the attention's rotary embedding and the loss head
+    of ``model`` (after PEFT wrapping) through the fused functions; return how many of each. Call after
     ``use_dequant_matmul`` and ``get_peft_model``.
     LoRA layers over bitsandbytes' LLM.int8 matmul (``model.int8_matmul: bnb``) are left alone."""
     from peft.tuners.lora import LoraLayer
 
-    counts = {"lora": 0, "rmsnorm": 0, "mlp": 0, "rotary": 0}
+    counts = {"lora": 0, "rmsnorm": 0, "mlp": 0, "rotary": 0, "loss_head": 0}
     for module in model.modules():
         kind = type(module).__name__
-        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear):
+        # transformers' causal LM itself, whose own child is a plain lm_head (not PEFT's wrapper,
+        # which only forwards attribute reads to it, nor an lm_head LoRA trains)
+        if kind.endswith("ForCausalLM") and type(module._modules.get("lm_head")) is torch.nn.Linear:
+            module.forward = types.MethodType(_target_loss_forward, module)
+            counts["loss_head"] += 1
+        elif isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), torch.nn.Linear):
             base = module.get_base_layer()
             if base.weight.dtype == torch.int8 and not uses_dequant_matmul(base):
                 continue  # LLM.int8 was asked for
@@ -195,6 +231,8 @@ def fast_path_report(model, cfg, device) -> dict:
         "fused_rmsnorms": routed(_rmsnorm_forward),
         "fused_mlps": routed(_mlp_forward),
         "fused_rotary": sum(1 for m in model.modules() if getattr(getattr(m.forward, "__func__", None), "_medqa_fused_rotary", False)),
+        "fused_loss_head": routed(_target_loss_forward),
+        "loss_head_kernel": "liger" if cuda and ops.liger_available() else "eager reference",
         "dequantized_linears": routed(_dequant_forward),
         "lora_linears": sum(1 for m in model.modules() if isinstance(m, LoraLayer)),
         "kernels": "triton" if cuda and ops.triton_available() else "eager reference",
@@ -205,7 +243,8 @@ def describe(report: dict) -> str:
     """The start-up line."""
     fused = (
         f"fused: {report['fused_lora_linears']} of {report['lora_linears']} LoRA linears, {report['fused_rmsnorms']} "
-        f"RMSNorms, {report['fused_mlps']} MLPs, {report['fused_rotary']} rotary embeddings, with {report['kernels']} kernels"
+        f"RMSNorms, {report['fused_mlps']} MLPs, {report['fused_rotary']} rotary embeddings, with {report['kernels']} kernels; "
+        f"loss head over target positions: {report['fused_loss_head']} ({report['loss_head_kernel']})"
         if report["fused_ops"] else "fused ops off (transformers' and PEFT's modules)"
     )
     return (

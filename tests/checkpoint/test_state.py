@@ -150,7 +150,7 @@ def test_sigint_finishes_the_window_saves_and_stops(tiny_cfg, monkeypatch):
     from medqa_loop.checkpoint.state import Interrupted
     from medqa_loop.train import run
 
-    forward, calls = loop.forward_loss_sum, []
+    forward, calls = loop.model_loss_sum, []
 
     def forward_then_ctrl_c(model, batch):
         calls.append(model.training)
@@ -158,7 +158,7 @@ def test_sigint_finishes_the_window_saves_and_stops(tiny_cfg, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         return forward(model, batch)
 
-    monkeypatch.setattr(loop, "forward_loss_sum", forward_then_ctrl_c)
+    monkeypatch.setattr(loop, "model_loss_sum", forward_then_ctrl_c)
     # What the process had before the run (SIG_IGN when started in the background, as by nohup).
     before = signal.getsignal(signal.SIGINT)
     cfg = tiny_cfg("data.batching=pad", "data.max_rows=20", "data.max_length=48", "train.grad_accum_steps=2",

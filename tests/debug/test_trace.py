@@ -18,7 +18,8 @@ from medqa_loop.debug.int8 import Int8Outliers
 from medqa_loop.debug.replay import bitwise_equal, replay
 from medqa_loop.debug.trace import GradientDebugger, NonFinite, build_debugger, format_table, load_pause_hooks
 from medqa_loop.loop import NonFiniteError
-from medqa_loop.loop import backward_window, forward_loss_sum, window_counts
+from medqa_loop.loop import backward_window, window_counts
+from medqa_loop.model import model_loss_sum
 from medqa_loop.losses import target_weight
 from medqa_loop.metrics import read_metrics
 from medqa_loop.model import module_name
@@ -113,7 +114,7 @@ def test_attribution_is_each_micro_batch_gradient(lora_parts, tmp_path):
         assert mb["grad_norm"] == pytest.approx(float(alone), rel=1e-5)
         assert mb["rows"] == batch["rows"].tolist()
         with torch.no_grad():
-            assert mb["loss"] == pytest.approx(float(forward_loss_sum(model, batch) / target_weight(batch)), rel=1e-6)
+            assert mb["loss"] == pytest.approx(float(model_loss_sum(model, batch) / target_weight(batch)), rel=1e-6)
     model.zero_grad(set_to_none=True)
 
 

@@ -14,7 +14,7 @@ from medqa_loop.kernels import ops, patch, reference
 from medqa_loop.kernels.autograd import BaseAfterLora, LoraLinear, RMSNormFn, RotaryFn, SiluMul
 from medqa_loop.kernels.patch import use_fused_ops
 from medqa_loop.kernels.reference import keep_mask
-from medqa_loop.loop import forward_loss_sum
+from medqa_loop.model import model_loss_sum
 from medqa_loop.train import prepare_run
 
 F64 = torch.float64
@@ -122,7 +122,7 @@ def set_lora(model, seed=0):
 
 def loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    loss = forward_loss_sum(model, batch)
+    loss = model_loss_sum(model, batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
@@ -148,6 +148,7 @@ def test_fused_model_equals_stock_model(tiny_cfg, tmp_path, base):
     assert swapped(stock.model, patch._lora_forward) == 0
     assert swapped(fast.model, patch._lora_forward) == 14  # 2 layers x 7 projections
     assert swapped(fast.model, patch._rmsnorm_forward) == 5 and swapped(fast.model, patch._mlp_forward) == 2
+    assert swapped(fast.model, patch._target_loss_forward) == 1  # so the fused loss below is the head's
     for parts in (stock, fast):
         set_lora(parts.model)
     for kind, batch in batches(stock).items():
@@ -165,8 +166,8 @@ def test_use_fused_ops_counts_and_leaves_llm_int8_lora_alone(tiny_cfg, tmp_path)
 
     from medqa_loop.model import is_int8_linear
 
-    # 2 layers x 7; 2 per layer + final; 1 per layer; 1 per layer
-    expected = {"lora": 14, "rmsnorm": 5, "mlp": 2, "rotary": 2}
+    # 2 layers x 7; 2 per layer + final; 1 per layer; 1 per layer; the causal LM
+    expected = {"lora": 14, "rmsnorm": 5, "mlp": 2, "rotary": 2, "loss_head": 1}
     stock = build(tiny_cfg, tmp_path, "stock", "model.fused_ops=false")
     model = stock.model
     # The counts are the model's modules, counted here without use_fused_ops' own tests.
@@ -180,7 +181,7 @@ def test_use_fused_ops_counts_and_leaves_llm_int8_lora_alone(tiny_cfg, tmp_path)
     bnb = build(tiny_cfg, tmp_path, "bnb", "model.int8_matmul=bnb", "model.fused_ops=false")
     loras = [m for m in bnb.model.modules() if isinstance(m, LoraLayer)]
     assert len(loras) == 14 and all(is_int8_linear(m.get_base_layer()) for m in loras)
-    assert use_fused_ops(bnb.model) == {"lora": 0, "rmsnorm": 5, "mlp": 2, "rotary": 2}
+    assert use_fused_ops(bnb.model) == {"lora": 0, "rmsnorm": 5, "mlp": 2, "rotary": 2, "loss_head": 1}
     assert swapped(bnb.model, patch._lora_forward) == 0 and swapped(bnb.model, patch._rmsnorm_forward) == 5
 
 
@@ -209,7 +210,7 @@ def test_dropout_survives_checkpointing_and_is_off_in_eval(tiny_cfg, tmp_path):
     # Train mode: dropout is on, another seed gives another loss.
     with torch.no_grad():
         torch.manual_seed(6)
-        other = forward_loss_sum(ckpt.model, batch)
+        other = model_loss_sum(ckpt.model, batch)
     assert abs(other - want_loss) / want_loss > 1e-4
 
     # Eval mode: dropout is off; the loss is the dropout-free model's with the same weights.
@@ -221,7 +222,7 @@ def test_dropout_survives_checkpointing_and_is_off_in_eval(tiny_cfg, tmp_path):
         parts.model.eval()
         torch.manual_seed(seed)
         with torch.no_grad():
-            evals.append(forward_loss_sum(parts.model, batch))
+            evals.append(model_loss_sum(parts.model, batch))
     assert torch.equal(evals[0], evals[1])
     assert torch.allclose(evals[0], evals[2], rtol=1e-6, atol=0)
     assert abs(evals[0] - want_loss) / want_loss > 1e-4  # and differs from the train-mode loss
@@ -241,7 +242,7 @@ def test_checkpoint_recompute_skips_the_down_projections_frozen_matmul(tiny_cfg,
         hidden, inner = (parts.model.config.hidden_size, parts.model.config.intermediate_size)
         with OpLog() as log:
             torch.manual_seed(0)
-            forward_loss_sum(parts.model, batch).backward()
+            model_loss_sum(parts.model, batch).backward()
         shapes = log.matmul_shapes()
         counts[gc] = {
             # [T, I] x [I, H]: down's forward, gate's and up's input gradients
@@ -339,7 +340,7 @@ def test_attention_runs_transformers_forward_with_its_rotary_as_fallback(tiny_cf
     asked = []
     monkeypatch.setattr(ops, "rotary_covers", lambda *args: asked.append(args) or False)
     with torch.no_grad():
-        forward_loss_sum(parts.model, batches(parts)["packed"])
+        model_loss_sum(parts.model, batches(parts)["packed"])
     assert len(asked) == parts.model.config.num_hidden_layers
 
 

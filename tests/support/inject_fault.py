@@ -23,7 +23,7 @@ from medqa_loop.train import main
 
 def inject(signum: int, where: str, n: int) -> None:
     if where == "forward":
-        forward, calls = loop.forward_loss_sum, [0]
+        forward, calls = loop.model_loss_sum, [0]
 
         def counting_forward(model, batch):
             if model.training:  # evaluation forwards do not count
@@ -32,7 +32,7 @@ def inject(signum: int, where: str, n: int) -> None:
                     os.kill(os.getpid(), signum)
             return forward(model, batch)
 
-        loop.forward_loss_sum = counting_forward
+        loop.model_loss_sum = counting_forward
     elif where == "save":
         write_manifest = state.StateSaver._write_manifest
 
