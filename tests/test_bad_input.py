@@ -16,12 +16,13 @@ from medqa_loop.train import main
 from conftest import TINY
 
 GOOD = {"question": "What is sepsis?", "response": "A dysregulated host response to infection."}
-# One row of each bad kind, at rows 1-4 of a file whose rows 0 and 5 are good.
+# One row of each bad kind, at lines 2-5 of a JSONL file whose lines 1 and 6 are good (lines as an
+# editor numbers them, from 1).
 BAD = [
-    ({"response": "a"}, "row 1, column 'question': missing or null"),  # no such key in the line
-    ({"question": None, "response": "a"}, "row 2, column 'question': missing or null"),
-    ({"question": "q?", "response": " \n "}, "row 3, column 'response': empty text"),
-    ({"question": "q?", "response": ["a", "list"]}, "row 4, column 'response': expected text, got list"),
+    ({"response": "a"}, "line 2, column 'question': missing or null"),  # no such key in the line
+    ({"question": None, "response": "a"}, "line 3, column 'question': missing or null"),
+    ({"question": "q?", "response": " \n "}, "line 4, column 'response': empty text"),
+    ({"question": "q?", "response": ["a", "list"]}, "line 5, column 'response': expected text, got list"),
 ]
 
 
@@ -58,28 +59,33 @@ def encode(tokenizer, questions, **cfg):
 
 def test_a_prompt_alone_over_max_length_is_named_or_skipped(tokenizer):
     questions = ["Short?", "very " * 40, "Also short?"]
-    with pytest.raises(DataError, match=r"d\.jsonl: row 1, column 'question': the prompt alone is \d+ tokens"):
+    with pytest.raises(DataError, match=r"d\.jsonl: row 1 \(counted from 0\), column 'question': the prompt alone is \d+ tokens"):
         encode(tokenizer, questions, max_length=24)
     enc = encode(tokenizer, questions, max_length=24, bad_rows="skip")
     assert [e["row"] for e in enc.examples] == [0, 2]
-    assert len(enc.skipped) == 1 and enc.skipped[0].startswith("row 1, column 'question': the prompt alone")
+    assert len(enc.skipped) == 1 and enc.skipped[0].startswith("row 1 (counted from 0), column 'question': the prompt alone")
 
 
 def test_summary_counts_skips_and_truncations_and_refuses_an_empty_split(tokenizer):
     cfg = DataConfig(dataset="d.jsonl", max_length=24, bad_rows="skip")
-    train = encode(tokenizer, ["Short?", "very " * 40], max_length=24, bad_rows="skip")
-    val = encode(tokenizer, ["Why " * 3], max_length=24, bad_rows="skip")
-    pairs = Pairs("d.jsonl", [], [], [], skipped=["row 9, column 'response': empty text"])
+    pairs = Pairs("d.jsonl", ["Short?", "very " * 40, "Why " * 3], ["Yes."] * 3, [0, 1, 2],
+                  skipped=["row 9, column 'response': empty text"])
+    train, val = (encode_pairs(part, tokenizer, cfg, MASKS[cfg.mask]) for part in subsets(pairs, [0, 1], [2]))
     said = []
     stats = summarize_data(cfg, pairs, train, val, said.append)
-    assert stats == {"data_train_pairs": 1, "data_val_pairs": 1, "data_truncated_answers": 0, "data_skipped_rows": 2}
-    assert "2 bad rows skipped" in said[0]
+    assert stats == {"data_train_pairs": 1, "data_val_pairs": 1, "data_truncated_answers": 0, "data_skipped_rows": 2,
+                     "data_dropped_duplicates": 0, "data_val_duplicates": 0}
+    assert "2 bad rows skipped" in said[0] and "0 validation pairs repeat a training pair" in said[0]
     assert said[1:] == ["data: skipped row 9, column 'response': empty text",
                         f"data: skipped {train.skipped[0]}"]
     long_answer = encode_pairs(Pairs("d", ["Why?"], ["word " * 50], [0]), tokenizer, cfg, MASKS["completion_only"])
     assert summarize_data(cfg, pairs, long_answer, val, said.append)["data_truncated_answers"] == 1
-    with pytest.raises(DataError, match="d.jsonl: the validation split is empty after skipping bad rows"):
-        summarize_data(cfg, pairs, train, Encoded([], 0, ["row 4, ..."]), said.append)
+
+
+def subsets(pairs, *row_lists):
+    """``pairs`` cut into the given rows, as split_pairs cuts it."""
+    return [Pairs(pairs.source, [pairs.questions[r] for r in rows], [pairs.answers[r] for r in rows], rows)
+            for rows in row_lists]
 
 
 def test_a_split_too_small_for_one_full_window_still_makes_one_step():
@@ -107,7 +113,8 @@ def test_tiny_dataset_with_bad_rows_skipped_trains_and_reports_them(tiny_cfg, tm
     records = read_metrics(f"{cfg.output_dir}/metrics.jsonl")
     data = {k: v for k, v in records[0].items() if k.startswith("data_")}
     assert records[0]["step"] == 0 and data == {"data_train_pairs": 3, "data_val_pairs": 1,
-                                                "data_truncated_answers": 0, "data_skipped_rows": 3}
+                                                "data_truncated_answers": 0, "data_skipped_rows": 3,
+                                                "data_dropped_duplicates": 0, "data_val_duplicates": 0}
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2] and last["step"] == 2
     assert all(math.isfinite(r["loss"]) and r["target_tokens"] > 0 for r in steps)
@@ -163,7 +170,8 @@ def tokenizer_without_eos(path):
         (["model.random_init=null", "model.name_or_path=nobody/no-such-model"],
          "cannot load model 'nobody/no-such-model'"),
         (["data.dataset=/no/such/medqa.jsonl"], "dataset path not found: /no/such/medqa.jsonl"),
-        (["data.dataset=nobody/no-such-dataset"], "cannot load dataset 'nobody/no-such-dataset' from the hub"),
+        (["data.dataset=nobody/no-such-dataset"],
+         "cannot load dataset 'nobody/no-such-dataset': HF_HUB_OFFLINE=1 and it is not in the hub cache"),
         (["model.tokenizer={tmp}/tok"], "tokenizer '{tmp}/tok' has no EOS token"),
         (["train.save_every=0"], "train.save_every"),
         (["train.save_every=2.5"], "train.save_every"),

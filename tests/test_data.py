@@ -71,7 +71,7 @@ def test_long_answer_truncated_from_the_end_prompt_kept(tokenizer):
 
 
 def test_prompt_longer_than_max_length_names_the_row(tokenizer):
-    with pytest.raises(DataError, match=r"row 1, column 'question'.*max_length=16"):
+    with pytest.raises(DataError, match=r"row 1 \(counted from 0\), column 'question'.*max_length=16"):
         encode(tokenizer, ["ok?", "very " * 40], ["a", "b"], max_length=16)
 
 
@@ -87,9 +87,9 @@ def test_embedded_sample_loads_and_splits_deterministically():
 @pytest.mark.parametrize(
     "row, problem",
     [
-        ({"question": None, "response": "x"}, r"row 2, column 'question'.*NoneType"),
-        ({"question": "q", "response": "   "}, r"row 2, column 'response'.*empty"),
-        ({"question": "q", "response": 7}, r"row 2, column 'response'.*int"),
+        ({"question": None, "response": "x"}, r"line 3, column 'question'.*NoneType"),
+        ({"question": "q", "response": "   "}, r"line 3, column 'response'.*empty"),
+        ({"question": "q", "response": 7}, r"line 3, column 'response'.*int"),
     ],
 )
 def test_bad_rows_are_named(tmp_path, row, problem):
