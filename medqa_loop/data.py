@@ -185,7 +185,7 @@ def _load_directory(path: Path, split: str) -> Source:
             f"of data files ({', '.join(FILE_FORMATS)})"
         )
     if split not in split_files:
-        raise DataError(f"dataset {path} has splits {list(split_files)}, not {split!r}")
+        raise DataError(f"dataset {path} has splits {[str(s) for s in split_files]}, not {split!r}")
     files = [Path(f) for f in split_files[split]]
     unknown = [f.name for f in files if f.suffix.lower() not in FILE_FORMATS]
     if unknown:
