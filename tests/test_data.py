@@ -197,7 +197,8 @@ else:
 
 
 def load_by_name(name, hf_home, bad_rows="error"):
-    """load_pairs in a process whose environment says where the hub cache is, offline."""
+    """load_pairs of the installed package in a process whose environment says where the hub
+    cache is (HF_HOME), offline."""
     import subprocess
     import sys
 
@@ -206,7 +207,7 @@ def load_by_name(name, hf_home, bad_rows="error"):
     env = subprocess_env(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     env.pop("HF_HUB_CACHE", None)
     proc = subprocess.run([sys.executable, "-c", LOAD_BY_NAME, name, bad_rows], capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=env, cwd=hf_home.parent, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
 
