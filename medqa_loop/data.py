@@ -176,23 +176,19 @@ def _load_directory(path: Path, split: str) -> Source:
             loaded = loaded[split]
         return Source(loaded, str(path))
     try:
-        split_files = datasets.load_dataset_builder(str(path)).config.data_files
+        found = {str(name): [Path(f) for f in files]
+                 for name, files in datasets.load_dataset_builder(str(path)).config.data_files.items()}
     except FileNotFoundError:  # datasets' "doesn't contain any data files"
-        split_files = None
-    if not split_files:
+        found = {}
+    names = [f.name for files in found.values() for f in files]
+    if not names or any(Path(name).suffix.lower() not in FILE_FORMATS for name in names):
         raise DataError(
             f"dataset directory {path} is neither a datasets.save_to_disk directory nor a folder "
-            f"of data files ({', '.join(FILE_FORMATS)})"
+            f"of data files ({', '.join(FILE_FORMATS)})" + (f"; it holds {names[:5]}" if names else "")
         )
-    if split not in split_files:
-        raise DataError(f"dataset {path} has splits {[str(s) for s in split_files]}, not {split!r}")
-    files = [Path(f) for f in split_files[split]]
-    unknown = [f.name for f in files if f.suffix.lower() not in FILE_FORMATS]
-    if unknown:
-        raise DataError(
-            f"dataset directory {path} is neither a datasets.save_to_disk directory nor a folder "
-            f"of data files ({', '.join(FILE_FORMATS)}): its {split!r} files are {unknown[:5]}"
-        )
+    if split not in found:
+        raise DataError(f"dataset {path} has splits {list(found)}, not {split!r}")
+    files = found[split]
     if len(files) == 1:
         return _load_file(files[0])
     # Several files: each checked (and named) alone, their rows then counted across all of them.
@@ -235,7 +231,7 @@ def _cached_snapshot(spec: str) -> tuple[Path | None, str | None]:
     try:
         return Path(snapshot_download(spec, repo_type="dataset", local_files_only=True)), None
     except errors.IncompleteSnapshotError as e:  # it names the missing files
-        return None, str(e).split(" Outgoing")[0]
+        return None, str(e)
     except errors.LocalEntryNotFoundError:
         return None, "no snapshot of it there"
     except ValueError as e:  # not a valid repo id
