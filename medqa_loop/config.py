@@ -349,12 +349,12 @@ def _validate_template(template: str) -> None:
     import string
 
     try:
-        fields = [(name, conversion, spec) for _, name, spec, conversion in string.Formatter().parse(template)
-                  if name is not None]
+        parsed = list(string.Formatter().parse(template))
     except ValueError as e:  # a lone "{" or "}"
         raise ConfigError(
             f"config key 'data.prompt_template': {e}; write a literal brace doubled, {{{{ or }}}}"
         ) from None
+    fields = [(name, conversion, spec) for _, name, spec, conversion in parsed if name is not None]
     others = [
         "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
         for name, conversion, spec in fields

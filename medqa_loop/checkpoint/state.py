@@ -193,7 +193,8 @@ def _check_loads(path: Path, name: str) -> None:
     try:
         load(path / name, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        why = re.search(r"WeightsUnpickler error: (.*?)(?:\. |$)", str(e), re.MULTILINE)  # torch's words on what it refused
+        # torch's own words on what it refused, out of its long advice
+        why = re.search(r"WeightsUnpickler error: (.*?)(?:\. |$)", str(e), re.MULTILINE)
         raise StateError(
             f"training state {path}: {name} does not load with torch.load(weights_only=True) "
             f"({why.group(1) if why else str(e).splitlines()[0]})"
