@@ -203,8 +203,11 @@ def parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """Silence what a user of the command cannot act on: the libraries' progress bars for
-    generating a dataset split, writing and loading shards, and one deprecation warning PEFT
-    triggers in transformers on every run. Real warnings and errors still show."""
+    generating a dataset split, writing and loading shards, the JSON and CSV readers' log of a
+    file they cannot parse (medqa_loop.data raises it again, naming the line), and one
+    deprecation warning PEFT triggers in transformers on every run. Real warnings and errors
+    still show."""
+    import logging
     import warnings
 
     import datasets
@@ -214,6 +217,8 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     huggingface_hub.utils.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    for reader in ("datasets.packaged_modules.json.json", "datasets.packaged_modules.csv.csv"):
+        logging.getLogger(reader).setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 

@@ -107,6 +107,10 @@ class DataConfig:
     # max_length: "error" stops with the row and column named; "skip" leaves it out, counted and
     # listed at the end of data loading and in metrics.jsonl.
     bad_rows: str = "error"
+    # Drop the repeats of a pair (the same question and answer, outer whitespace aside) before
+    # the split, keeping the first. Off: they stay, and the validation pairs that repeat a
+    # training pair are counted (data_val_duplicates in metrics.jsonl) and reported at load.
+    dedupe: bool = False
 
 
 @dataclass
@@ -325,8 +329,7 @@ def _validate(cfg: Config) -> None:
         )
     check_mask(d.mask)  # its form: a mask by import path is imported when training tokenizes
     _validate_debug(cfg.debug)
-    if "{input_text}" not in d.prompt_template:
-        raise ConfigError("config key 'data.prompt_template' must contain '{input_text}'")
+    _validate_template(d.prompt_template)
     if m.random_init is not None:
         from transformers import MistralConfig
 
@@ -336,6 +339,31 @@ def _validate(cfg: Config) -> None:
                 raise ConfigError(
                     f"unknown config key 'model.random_init.{key}' (not a MistralConfig field)"
                 )
+
+
+def _validate_template(template: str) -> None:
+    """data.prompt_template is filled by str.format with the question as its only field."""
+    import string
+
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:  # a lone "{" or "}"
+        raise ConfigError(
+            f"config key 'data.prompt_template': {e}; write a literal brace doubled, {{{{ or }}}}"
+        ) from None
+    fields = [(name, conversion, spec) for _, name, spec, conversion in parsed if name is not None]
+    others = [
+        "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        for name, conversion, spec in fields
+        if (name, conversion, spec) != ("input_text", None, "")
+    ]
+    if others:
+        raise ConfigError(
+            f"config key 'data.prompt_template' may hold no field but {{input_text}}, got "
+            f"{', '.join(others)}; write a literal brace doubled, {{{{ or }}}}"
+        )
+    if not fields:
+        raise ConfigError("config key 'data.prompt_template' must contain '{input_text}'")
 
 
 def _validate_debug(g: DebugConfig) -> None:
@@ -376,7 +404,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, _, text = item.partition("=")
     if not key.strip():
         raise ConfigError(f"--set expects key.sub=value, got {item!r}")
-    return key.strip().split("."), yaml.safe_load(text) if text.strip() else None
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(
+            f"--set {item}: the value is not valid YAML ({problem}); to pass it as text, quote it: "
+            f"--set '{key.strip()}=\"...\"'"
+        ) from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -452,6 +488,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _where(message: str, path: Path | None, overrides: list[str]) -> str:
     """Where the key a ConfigError names was set: the --set that set it, else the file."""
+    if message.startswith("--set "):  # a --set that cannot be parsed names itself
+        return ""
     named = re.search(r"config key '([^'\[]+)", message)
     if named is not None:
         key = named.group(1)

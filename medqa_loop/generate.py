@@ -103,15 +103,15 @@ def read_questions(path: str | Path, column: str) -> list[str]:
     if path.suffix.lower() == ".txt":
         questions = [line for line in path.read_text().splitlines() if line.strip()]
     elif path.suffix.lower() in FILE_FORMATS:
-        ds = _load_source(str(path), "train")
-        if column not in ds.column_names:
+        src = _load_source(str(path), "train")
+        if column not in src.ds.column_names:
             raise DataError(
-                f"questions file {path}: missing column {column!r} (columns: {ds.column_names}; "
+                f"questions file {path}: missing column {column!r} (columns: {src.ds.column_names}; "
                 "set --question-column)"
             )
-        questions = ds[column]
+        questions = src.ds[column]
         for row, text in enumerate(questions):
-            check_text(str(path), row, column, text)
+            check_text(str(path), src.where(row), column, text)
     else:
         raise DataError(f"questions file {path}: use .txt (one per line) or {', '.join(FILE_FORMATS)}")
     if not questions:

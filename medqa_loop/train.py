@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -28,19 +29,31 @@ from medqa_loop.masking import resolve_mask
 RUN_MARKERS = ("metrics.jsonl", "config.yaml")
 
 
-def prepare_output_dir(cfg: Config, overwrite: bool, resume_from: Path | None = None) -> Path:
+def prepare_output_dir(cfg: Config, overwrite: bool, resume_from: Path | None = None) -> RunLock:
+    """Take the run directory's lock, then clear it (an earlier run, with ``overwrite``) and make
+    it. A directory that cannot be written (no permission, a read-only disk, a file in the way)
+    is found here, by writing in it, before the model loads: the run's first files come after."""
     out = Path(cfg.output_dir)
     # Resuming from one of its own states is how a run directory is continued.
     continuing = resume_from is not None and out.resolve() in Path(resume_from).resolve().parents
-    if not continuing and any((out / m).exists() for m in RUN_MARKERS):
-        if not overwrite:
-            raise ConfigError(
-                f"output_dir {out} holds another run; pass --overwrite, set output_dir, or "
-                "continue it with --resume auto"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    try:
+        lock = RunLock(out).acquire()  # before anything in the directory is deleted
+        if not continuing and any((out / m).exists() for m in RUN_MARKERS):
+            if not overwrite:
+                raise ConfigError(
+                    f"output_dir {out} holds another run; pass --overwrite, set output_dir, or "
+                    "continue it with --resume auto"
+                )
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        culprit = f" ({e.filename})" if e.filename else ""
+        raise ConfigError(
+            f"output_dir {out} cannot be written: {e.strerror or e}{culprit}; pick another with "
+            "--set output_dir=DIR"
+        ) from None
+    return lock
 
 
 @dataclass
@@ -92,8 +105,7 @@ def prepare_run(
     starting_over = resume == "auto" and resume_from is None
     lock = None
     if accelerator.is_main_process:
-        lock = RunLock(out).acquire()  # before anything in the directory is read or deleted
-        prepare_output_dir(cfg, overwrite or starting_over, resume_from)
+        lock = prepare_output_dir(cfg, overwrite or starting_over, resume_from)
     accelerator.wait_for_everyone()
 
     # Tokenizer and data first: cheap, and where most mistakes show.

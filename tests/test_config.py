@@ -50,6 +50,10 @@ def test_overrides_parse_yaml_values():
         ("model.random_init.hiden_size=8", ["model.random_init.hiden_size"]),
         ("train.lr.x=1", ["train.lr"]),
         ("data.prompt_template=Q", ["data.prompt_template", "{input_text}"]),
+        ("data.prompt_template='{{input_text}}'", ["data.prompt_template", "must contain '{input_text}'"]),  # a literal
+        ("data.prompt_template='Q {topic}: {input_text}'", ["data.prompt_template", "got {topic}", "{{ or }}"]),
+        ("data.prompt_template='Q {input_text!r} {}'", ["data.prompt_template", "got {input_text!r}, {}"]),
+        ("data.prompt_template='Q {input_text} }'", ["data.prompt_template", "Single '}'", "{{ or }}"]),
         ("train.profile_steps=[0]", ["train.profile_steps", "counted from 1"]),
         ("train.profile_steps=[two]", ["train.profile_steps"]),
     ],
@@ -125,3 +129,29 @@ def test_an_error_names_where_its_key_was_set(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(mine, ["train.epochs=2"])
     assert str(err.value).endswith(f"(in {mine})")
+
+
+def test_a_doubled_brace_in_the_template_stays_a_literal_brace():
+    from medqa_loop.data import format_prompt
+
+    cfg = load_config(TINY, ["data.prompt_template='Q {{as JSON}}: {input_text}'"])
+    assert format_prompt("why?", cfg.data.prompt_template) == "Q {as JSON}: why?"
+
+
+@pytest.mark.parametrize("value", ["@home", "a: b: c", "[1, 2", "{input_text} {{x}}"])
+def test_a_set_value_that_is_not_yaml_names_the_set(value, capsys, tmp_path):
+    item = f"data.prompt_template={value}"
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [item])
+    assert str(err.value).startswith(f"--set {item}: the value is not valid YAML (")
+    assert "quote it" in str(err.value) and "tiny.yaml" not in str(err.value)  # the --set, not the file
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", TINY, "--set", f"output_dir={tmp_path}", "--set", item])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err and f"error: --set {item}: the value is not valid YAML" in err
+
+
+def test_dedupe_is_off_by_default_and_a_bool():
+    assert load_config().data.dedupe is False and load_config(TINY, ["data.dedupe=true"]).data.dedupe is True
+    with pytest.raises(ConfigError, match="data.dedupe"):
+        load_config(TINY, ["data.dedupe=yes please"])

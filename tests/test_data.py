@@ -71,7 +71,7 @@ def test_long_answer_truncated_from_the_end_prompt_kept(tokenizer):
 
 
 def test_prompt_longer_than_max_length_names_the_row(tokenizer):
-    with pytest.raises(DataError, match=r"row 1, column 'question'.*max_length=16"):
+    with pytest.raises(DataError, match=r"row 1 \(counted from 0\), column 'question'.*max_length=16"):
         encode(tokenizer, ["ok?", "very " * 40], ["a", "b"], max_length=16)
 
 
@@ -87,9 +87,9 @@ def test_embedded_sample_loads_and_splits_deterministically():
 @pytest.mark.parametrize(
     "row, problem",
     [
-        ({"question": None, "response": "x"}, r"row 2, column 'question'.*NoneType"),
-        ({"question": "q", "response": "   "}, r"row 2, column 'response'.*empty"),
-        ({"question": "q", "response": 7}, r"row 2, column 'response'.*int"),
+        ({"question": None, "response": "x"}, r"line 3, column 'question'.*NoneType"),
+        ({"question": "q", "response": "   "}, r"line 3, column 'response'.*empty"),
+        ({"question": "q", "response": 7}, r"line 3, column 'response'.*int"),
     ],
 )
 def test_bad_rows_are_named(tmp_path, row, problem):
@@ -127,3 +127,120 @@ def test_builtin_masks():
     ex = MaskInput([1, 5, 6, 7, 8, 2], prompt_len=3, row=0)
     assert completion_only(ex) == [0, 0, 0, 1, 1, 1] and full_sequence(ex) == [1] * 6
     assert ex.answer_span == (3, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# A folder of data files, and a hub dataset read offline from the hub cache
+
+
+def write_parquet(path, questions, responses):
+    import datasets
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    datasets.Dataset.from_dict({"question": questions, "response": responses}).to_parquet(str(path))
+    return path
+
+
+CARD = b"---\nlicense: apache-2.0\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: data/train-*\n---\n"
+
+
+def test_a_folder_of_data_files_loads_by_split(tmp_path):
+    snapshot = tmp_path / "snapshot"  # the layout of a hub dataset's snapshot
+    write_parquet(snapshot / "data" / "train-00000-of-00001.parquet", ["q1?", "q2?"], ["a1", "a2"])
+    (snapshot / "README.md").write_bytes(CARD)
+    pairs = load_pairs(DataConfig(dataset=str(snapshot)))
+    assert pairs.questions == ["q1?", "q2?"] and pairs.source.endswith("train-00000-of-00001.parquet")
+
+    shards = tmp_path / "shards"  # JSONL files, a split per file name; two train shards, rows in order
+    for name, rows in {"train-0.jsonl": ["t1?", "t2?"], "train-1.jsonl": ["t3?"], "test.jsonl": ["e1?"]}.items():
+        (shards / "data").mkdir(parents=True, exist_ok=True)
+        (shards / "data" / name).write_text("".join(json.dumps({"question": q, "response": "a"}) + "\n" for q in rows))
+    assert load_pairs(DataConfig(dataset=str(shards))).questions == ["t1?", "t2?", "t3?"]
+    assert load_pairs(DataConfig(dataset=str(shards), split="test")).questions == ["e1?"]
+    with pytest.raises(DataError, match=r"has splits \['train', 'test'\], not 'validation'"):
+        load_pairs(DataConfig(dataset=str(shards), split="validation"))
+    (shards / "data" / "test.jsonl").write_text('{"question": "e1?", "response": ""}\n')
+    with pytest.raises(DataError, match=r"test\.jsonl: line 1, column 'response': empty text"):  # one file: its lines
+        load_pairs(DataConfig(dataset=str(shards), split="test"))
+
+
+def fake_hub_cache(hf_home, repo_id, files: dict, revision="0123456789abcdef0123456789abcdef01234567"):
+    """A dataset in the hub cache as snapshot_download leaves it: blobs named by their hash, the
+    snapshot's files links to them, refs/main naming the snapshot."""
+    import hashlib
+    import os
+
+    repo = hf_home / "hub" / f"datasets--{repo_id.replace('/', '--')}"
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / revision / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return repo / "snapshots" / revision
+
+
+LOAD_BY_NAME = """
+import sys
+from medqa_loop.config import DataConfig
+from medqa_loop.data import DataError, load_pairs
+try:
+    pairs = load_pairs(DataConfig(dataset=sys.argv[1], bad_rows=sys.argv[2]))
+except DataError as e:
+    print("DataError:", e)
+else:
+    print(len(pairs), pairs.questions[:2], pairs.skipped, pairs.source)
+"""
+
+
+def load_by_name(name, hf_home, bad_rows="error"):
+    """load_pairs of the installed package in a process whose environment says where the hub
+    cache is (HF_HOME), offline."""
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    env = subprocess_env(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", LOAD_BY_NAME, name, bad_rows], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=hf_home.parent, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_a_hub_dataset_loads_by_name_offline_from_the_hub_cache(tmp_path):
+    """The real dataset's layout (one train split, question/response, one parquet file: see
+    /work/shared/dataset-facts.md), with one empty answer to see how a row is named."""
+    rows = 40
+    parquet = write_parquet(tmp_path / "made.parquet", [f"What is condition {i}?" for i in range(rows)],
+                            [f"Answer {i}, in several paragraphs." if i != 7 else "" for i in range(rows)])
+    hf_home = tmp_path / "hf"
+    snapshot = fake_hub_cache(hf_home, "thesven/SyntheticMedicalQA-4336", {
+        "data/train-00000-of-00001.parquet": parquet.read_bytes(), "README.md": CARD, ".gitattributes": b"*.parquet filter=lfs\n",
+    })
+    said = load_by_name("thesven/SyntheticMedicalQA-4336", hf_home)
+    assert said.startswith("DataError: dataset thesven/SyntheticMedicalQA-4336 (") and str(snapshot) in said
+    assert "train-00000-of-00001.parquet): row 7 (counted from 0), column 'response': empty text" in said
+    said = load_by_name("thesven/SyntheticMedicalQA-4336", hf_home, bad_rows="skip")
+    assert said.startswith(f"{rows - 1} ['What is condition 0?', 'What is condition 1?']")
+
+    said = load_by_name("thesven/not-downloaded", hf_home)
+    assert said.startswith("DataError: cannot load dataset 'thesven/not-downloaded': HF_HUB_OFFLINE=1 and it is "
+                           f"not in the hub cache {hf_home / 'hub'} (no snapshot of it there)")
+
+
+def test_a_100k_row_file_loads_in_seconds(tmp_path):
+    """Reading the texts item by item from datasets' lazy Column took ~20 s for 100k pairs; as
+    lists, well under a second (a wide margin for a loaded machine)."""
+    import time
+
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"question": f"Q{i}?", "response": f"A{i}."}) + "\n" for i in range(100_000)))
+    start = time.perf_counter()
+    pairs = load_pairs(DataConfig(dataset=str(path)))
+    assert len(pairs) == 100_000 and pairs.questions[-1] == "Q99999?"
+    assert time.perf_counter() - start < 8

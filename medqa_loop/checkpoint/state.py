@@ -17,8 +17,8 @@ bitwise the run that was never stopped (on the CPU; some CUDA kernels are not de
 
 It is written as ``state/.tmp-step-<N>``, fsynced, then renamed: a crash mid-save leaves a
 ``.tmp`` directory that is never read, not half a state. A state whose manifest is missing or
-does not match its files is refused, naming the file, and ``--resume auto`` takes the newest
-state that passes.
+does not match its files, or whose pickles ``torch.load(weights_only=True)`` refuses, is
+refused, naming the file, and ``--resume auto`` takes the newest state that passes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -177,7 +178,27 @@ def verify_state(path: Path) -> dict:
             )
         if _sha256(file) != digest:
             raise StateError(f"training state {path}: {name} is corrupt (sha256 differs from manifest)")
+    for name in sorted(expected):
+        if name.endswith((".bin", ".pkl")):  # Accelerate's torch.save files
+            _check_loads(path, name)
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _check_loads(path: Path, name: str) -> None:
+    """A state file must load as restore loads it: torch.load(weights_only=True), with
+    Accelerate's allowed globals (accelerate.utils.load). One it refuses (written with other
+    library versions, say) is a bad state, found here, before the model loads."""
+    from accelerate.utils import load
+
+    try:
+        load(path / name, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        # torch's own words on what it refused, out of its long advice
+        why = re.search(r"WeightsUnpickler error: (.*?)(?:\. |$)", str(e), re.MULTILINE)
+        raise StateError(
+            f"training state {path}: {name} does not load with torch.load(weights_only=True) "
+            f"({why.group(1) if why else str(e).splitlines()[0]})"
+        ) from None
 
 
 def find_state(output_dir: Path, resume: str, say: Callable = print) -> Path | None:
@@ -218,6 +239,9 @@ def check_config(path: Path, cfg: Config, num_processes: int, force: bool, say: 
     naming every such key with its old and new value, or run with a different process count."""
     old = flatten(yaml.safe_load((path / "config.yaml").read_text()))
     new = flatten(cfg.to_dict())
+    # A key added since the state was saved (data.dedupe, say) ran at its default then.
+    defaults = flatten(Config().to_dict())
+    old.update({key: defaults[key] for key in new.keys() - old.keys() if key in defaults})
     differences = [
         f"{key}: {old.get(key, '<absent>')!r} -> {new.get(key, '<absent>')!r}"
         for key in sorted(old.keys() | new.keys())

@@ -11,6 +11,7 @@ state matters).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from medqa_loop.checkpoint.state import (
@@ -225,6 +227,39 @@ def test_auto_falls_back_to_the_newest_good_state_and_refuses_when_none_is(state
         find_state(states, str(states))
     assert find_state(tmp_path / "fresh", "auto", said.append) is None
     assert "no training state" in said[-1] and "starting a new run" in said[-1]
+
+
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin"])
+def test_a_pickle_weights_only_refuses_is_a_bad_state_and_auto_falls_back(states, name):
+    """A file its manifest vouches for, but holding a global torch.load(weights_only=True) does not
+    allow (as a state written by other library versions can): refused before the model loads."""
+    import fractions
+
+    from medqa_loop.checkpoint.state import StateSaver
+
+    state = states / "state" / "step-8"
+    saved = torch.load(state / name, weights_only=False)
+    torch.save({**saved, "written_by": fractions.Fraction(1, 3)}, state / name)
+    (state / "manifest.json").unlink()
+    StateSaver._write_manifest(state)
+    message = rf"step-8: {name} does not load with torch\.load\(weights_only=True\) \(Unsupported global: GLOBAL fractions\.Fraction"
+    with pytest.raises(StateError, match=message):
+        verify_state(state)
+    said = []
+    assert find_state(states, "auto", said.append) == states / "state" / "step-6"
+    assert len(said) == 1 and re.search(message, said[0]) and "trying an older state" in said[0]
+
+
+def test_a_state_saved_before_a_key_existed_compares_it_at_its_default(reference, tmp_path):
+    state = tmp_path / "step-6"
+    shutil.copytree(reference / "state" / "step-6", state)
+    saved = yaml.safe_load((state / "config.yaml").read_text())
+    del saved["data"]["dedupe"]  # as a state of a version before data.dedupe
+    (state / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = load_config(reference / "config.yaml", [f"output_dir={reference}"])
+    check_config(state, cfg, 1, force=False)
+    with pytest.raises(StateError, match=r"data\.dedupe: False -> True"):
+        check_config(state, load_config(reference / "config.yaml", ["data.dedupe=true"]), 1, force=False)
 
 
 def test_restore_puts_back_weights_moments_and_rngs_and_catches_a_skipped_rng_load(reference, states):

@@ -161,7 +161,7 @@ def test_read_questions_from_text_and_tables(tmp_path):
     with pytest.raises(DataError, match=r"missing column 'question'.*\['q', 'a'\]"):
         read_questions(jsonl, "question")
     jsonl.write_text('{"q": "One?"}\n{"q": " "}\n')
-    with pytest.raises(DataError, match=r"q\.jsonl: row 1, column 'q': empty text"):
+    with pytest.raises(DataError, match=r"q\.jsonl: line 2, column 'q': empty text"):
         read_questions(jsonl, "q")
     with pytest.raises(DataError, match="questions file not found"):
         read_questions(tmp_path / "nope.txt", "question")
@@ -192,7 +192,7 @@ def other_bases(trained_run, tmp_path_factory, tokenizer):
         ("missing_dir", ["adapter directory not found", "no-such-run"]),
         ("not_adapter", ["is not a PEFT adapter directory", "adapter_config.json"]),
         ("empty_question", ["question 2 on the command line is empty"]),
-        ("empty_in_file", ["row 1, column 'question': empty text", "qs.jsonl"]),
+        ("empty_in_file", ["line 2, column 'question': empty text", "qs.jsonl"]),
         ("missing_base", ["not a model directory", "no-such-base"]),
         ("hidden64", ["does not fit base", "has 128 outputs in the adapter but 64 in the base", "hidden size 64"]),
         ("layers1", ["does not fit base", "model.layers.1.", "num_hidden_layers=1"]),
