@@ -25,15 +25,16 @@ from medqa_loop.config import LORA_TARGETS
 
 # (checkpointed layers of 32, tokens of the largest micro-batch, peak GB): Mistral-7B shapes
 # (MistralConfig()), int8 base dequantized per matmul, bf16, LoRA r16 on all 7 projections,
-# fused ops, varlen attention, 16 pairs a window; `python benchmarks/sweep.py --out OUT
-# --tokens 2048,4096,8192,16384 --checkpoint-layers 24,16,8 --tokens-nogc 1024,2048,4096,8192,16384
-# --windows 2` on an H200, 2026-12-01 (BENCHMARKS.md, "The memory plan").
+# fused ops (the loss head over target positions through Liger-Kernel), varlen attention, 16
+# pairs a window; `python benchmarks/sweep.py --out OUT --tokens 2048,4096,8192
+# --checkpoint-layers 24,16,8 --tokens-nogc 1024,2048,4096,8192 --windows 2` on an H200,
+# 2026-12-01 (BENCHMARKS.md, "Issue 17, first session").
 FIGURES: list[tuple[int, int, float]] = [
-    (32, 2048, 9.72), (32, 4091, 11.04), (32, 7914, 12.87),
-    (24, 2048, 11.90), (24, 4091, 15.37), (24, 7914, 21.22),
-    (16, 2048, 14.07), (16, 4091, 19.70), (16, 7914, 29.57),
-    (8, 2048, 16.25), (8, 4091, 24.02), (8, 7914, 37.92),
-    (0, 1023, 13.37), (0, 2048, 18.42), (0, 4091, 28.34), (0, 7914, 46.20),
+    (32, 2048, 9.26), (32, 4091, 10.03), (32, 7914, 11.78),
+    (24, 2048, 11.16), (24, 4091, 13.77), (24, 7914, 19.09),
+    (16, 2048, 13.33), (16, 4091, 18.10), (16, 7914, 27.44),
+    (8, 2048, 15.51), (8, 4091, 22.43), (8, 7914, 35.78),
+    (0, 1023, 13.07), (0, 2048, 17.68), (0, 4091, 26.74), (0, 7914, 44.07),
 ]
 FITTED_ON = {"layers": 32, "hidden_size": 4096, "intermediate_size": 14336}
 MARGIN = 0.10  # of the free memory, left unplanned: fragmentation, evaluation, a longer row
