@@ -27,7 +27,7 @@ class Batch(TypedDict):
     labels: torch.Tensor  # [B, T] long, -100 where the loss weight is 0 (unshifted)
     loss_weights: torch.Tensor  # [B, T] float32, the loss mask's weight per label
     rows: torch.Tensor  # [pairs] the pairs' rows in the loaded dataset
-    # losses.shifted_targets of labels and loss_weights: where the fused loss head reads
+    # derived from labels and loss_weights (with_targets): where the fused loss head reads
     target_positions: torch.Tensor  # [targets] long, flattened [B, T] positions whose next label is a target
     targets: torch.Tensor  # [targets] long, those next labels
     target_weights: torch.Tensor  # [targets] float32, their weights
@@ -58,7 +58,7 @@ def collate(examples: list[dict], pad_id: int, packed: bool = False) -> Batch:
             "loss_weights": cat("loss_weights", 0.0),
             "position_ids": [p for e in examples for p in range(len(e["input_ids"]))],
         }
-        return _with_targets({
+        return with_targets({
             "input_ids": torch.tensor([row["input_ids"]]),
             "attention_mask": torch.ones(1, len(row["input_ids"]), dtype=torch.long),
             "position_ids": torch.tensor([row["position_ids"]]),
@@ -78,7 +78,7 @@ def collate(examples: list[dict], pad_id: int, packed: bool = False) -> Batch:
     def pad(key: str, value, dtype) -> torch.Tensor:
         return torch.tensor([e[key] + [value] * (width - len(e[key])) for e in examples], dtype=dtype)
 
-    return _with_targets({
+    return with_targets({
         "input_ids": pad("input_ids", pad_id, torch.long),
         "attention_mask": torch.tensor(
             [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
@@ -89,7 +89,10 @@ def collate(examples: list[dict], pad_id: int, packed: bool = False) -> Batch:
     })
 
 
-def _with_targets(batch: dict) -> Batch:
+def with_targets(batch: dict) -> Batch:
+    """``batch`` with its target positions, targets and their weights derived from its labels
+    and loss weights (losses.shifted_targets), on the host. Code that changes a collated batch's
+    labels or weights derives them again with this: they are never edited on their own."""
     positions, targets, weights = shifted_targets(batch["labels"], batch["loss_weights"])
     return {**batch, "target_positions": positions, "targets": targets, "target_weights": weights}
 
@@ -190,8 +193,7 @@ def zero_weight_batch(example: dict, collate_fn, device) -> Batch:
     contributes exactly zero gradient. The window's normaliser is the target weight summed over
     all processes, which this batch does not change, so the update is that of the real pairs.
     """
-    batch = to_device(collate_fn([example]), device)
+    batch = collate_fn([example])
     batch["labels"].fill_(IGNORE_INDEX)
     batch["loss_weights"].zero_()
-    batch["target_weights"].zero_()  # the fused head's copy of the weights
-    return batch
+    return to_device(with_targets(batch), device)

@@ -124,6 +124,7 @@ def test_tiny_dataset_with_bad_rows_skipped_trains_and_reports_them(tiny_cfg, tm
 
 
 def test_an_all_masked_micro_batch_adds_nothing_and_an_all_masked_window_is_zero_not_nan(tiny_cfg):
+    from medqa_loop.batching import with_targets
     from medqa_loop.loop import backward_window, window_counts
     from medqa_loop.train import prepare_run
 
@@ -136,6 +137,7 @@ def test_an_all_masked_micro_batch_adds_nothing_and_an_all_masked_window_is_zero
     masked = parts.collate_fn(parts.train_examples[2:4])
     masked["labels"].fill_(-100)
     masked["loss_weights"].zero_()
+    masked = with_targets(masked)  # what the fused loss head reads, derived again
 
     def window(batches):
         parts.model.zero_grad(set_to_none=True)
