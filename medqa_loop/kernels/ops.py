@@ -134,7 +134,7 @@ def linear_cross_entropy_sum(hidden, weight, targets, weights):
     Its reduction "none" gives the per-token losses the weights multiply; its backward recomputes
     each chunk's logits."""
     flce = _liger_linear_cross_entropy() if hidden.is_cuda else None  # without Liger: chunked, recomputed
-    if flce is None:
+    if flce is None or targets.numel() == 0:  # no targets (a zero-weight stand-in): a zero joined to the graph
         return reference.linear_cross_entropy_sum(hidden, weight, targets, weights)
     # (input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction)
     per_token = flce.apply(hidden, weight, targets, None, None, -100, 0.0, 0.0, "none")[0]

@@ -32,8 +32,8 @@ def test_collate_carries_the_targets_of_packed_and_padded_batches():
     padded = collate(exs, pad_id=2)  # [2, 4]: row 1 padded at position 3
     assert padded["target_positions"].tolist() == [1, 2, 4, 5] and padded["targets"].tolist() == [6, 2, 8, 2]
     assert padded["target_weights"].tolist() == [1.0, 1.0, 1.0, 1.0]
-    # The loop's stand-in for a process without pairs: no target counts.
-    assert zero_weight_batch(exs[0], lambda e: collate(e, pad_id=2), "cpu")["target_weights"].tolist() == [0.0, 0.0]
+    # The loop's stand-in for a process without pairs: no targets at all.
+    assert zero_weight_batch(exs[0], lambda e: collate(e, pad_id=2), "cpu")["target_positions"].numel() == 0
 
 
 def test_reference_head_is_weighted_cross_entropy_of_the_logits(monkeypatch):
@@ -103,7 +103,8 @@ def test_zero_weight_batch_gives_zero_loss_and_gradient_through_the_fused_head(f
     params = [p for p in model.parameters() if p.requires_grad]
     loss = model_loss_sum(model, batch)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    assert loss.item() == 0.0 and all(g is None or g.abs().max() == 0 for g in grads)
+    # Every LoRA matrix gets a gradient, all zeros: the process still joins DDP's all-reduce.
+    assert loss.item() == 0.0 and all(g is not None and g.abs().max() == 0 for g in grads)
 
 
 @pytest.mark.cuda
