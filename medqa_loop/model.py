@@ -18,6 +18,7 @@ from medqa_loop.kernels.patch import uses_target_loss
 from medqa_loop.losses import weighted_loss_sum
 from medqa_loop.batching import Batch
 from medqa_loop.config import EMBEDDED_TOKENIZER, LoraSettings, ModelConfig
+from medqa_loop.hub import looks_local
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,10 +32,6 @@ def embedded_tokenizer_file() -> Path:
     import mistral_common
 
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
 def _hub_error(what: str, name: str, e: Exception) -> ModelLoadError:
@@ -55,7 +52,7 @@ def load_tokenizer(cfg: ModelConfig):
             shutil.copy(embedded_tokenizer_file(), Path(tmp) / "tokenizer.model")
             tok = AutoTokenizer.from_pretrained(tmp)
     else:
-        if _looks_local(source) and not Path(source).expanduser().is_dir():
+        if looks_local(source) and not Path(source).expanduser().is_dir():
             raise ModelLoadError(f"tokenizer path not found: {source}")
         try:
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
@@ -90,7 +87,7 @@ def check_model_source(name: str, trust_remote_code: bool = False):
     """The model's config, read alone: a wrong path or unreachable hub fails before weights load."""
     from transformers import AutoConfig
 
-    if _looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
+    if looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
         raise ModelLoadError(f"model path {name} is not a model directory (no config.json)")
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)

@@ -80,7 +80,7 @@ def prepare_run(
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from medqa_loop import memory
+    from medqa_loop import hub, memory
     from medqa_loop import model as M
     from medqa_loop.checkpoint import state as S
     from medqa_loop.distributed import check_processes
@@ -108,6 +108,8 @@ def prepare_run(
         lock = prepare_output_dir(cfg, overwrite or starting_over, resume_from)
     accelerator.wait_for_everyone()
 
+    # A hub that does not answer costs seconds here, not minutes of retries (or a hang) in each load.
+    hub.use_local_files_if_unreachable(hub.run_sources(cfg), say)
     # Tokenizer and data first: cheap, and where most mistakes show.
     tokenizer = M.load_tokenizer(cfg.model)
     pairs = load_pairs(cfg.data)

@@ -41,7 +41,11 @@ def save_adapter(accelerator, model, out_dir: Path, tokenizer=None) -> Path:
     out_dir = Path(out_dir)
     accelerator.wait_for_everyone()  # every rank finished the step whose weights we save
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out_dir, safe_serialization=True)
+        # The LoRA matrices only. PEFT's default ("auto") asks the hub for the base's config, to
+        # see whether the vocabulary was resized, and adds the frozen embedding or lm_head weights
+        # when one is a LoRA target; the project never resizes or trains them (no new tokens, no
+        # modules_to_save), so they are the base's own.
+        accelerator.unwrap_model(model).save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
     accelerator.wait_for_everyone()

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from medqa_loop import hub
 from medqa_loop.batching import accumulation_windows, epoch_order, steps_per_epoch, window_batches
 from medqa_loop.checkpoint.adapter import ADAPTER_WEIGHTS
 from medqa_loop.checkpoint.saved import find_saved, read_saved
@@ -77,6 +78,7 @@ def replay(run_dir: str | Path, step: int, checkpoint: str | Path | None = None,
     if step < 1:
         raise ValueError(f"--step counts optimizer steps from 1, got {step}")
     # Everything that fails fast first: the window of step N and the checkpoint, before the model.
+    hub.use_local_files_if_unreachable(hub.run_sources(cfg))
     train_pairs, _ = split_pairs(load_pairs(cfg.data), cfg.data.val_fraction, cfg.seed)
     if checkpoint is None:  # epoch adapters: numbered as on one process
         per_epoch = steps_per_epoch(len(train_pairs), t.micro_batch_size, t.grad_accum_steps)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from medqa_loop.checkpoint.adapter import ADAPTER_WEIGHTS, AdapterError, resolve_adapter
 
@@ -40,3 +41,41 @@ def test_resolve_adapter_names_what_is_missing(trained_run, tmp_path):
     (copy / ADAPTER_WEIGHTS).unlink()
     with pytest.raises(AdapterError, match=f"has no {ADAPTER_WEIGHTS}"):
         resolve_adapter(copy)
+
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], ["q_proj", "lm_head"]])
+def test_an_adapter_holds_its_lora_weights_only_and_saving_it_asks_the_hub_nothing(tmp_path, monkeypatch, targets):
+    """PEFT's default save (save_embedding_layers="auto") asks the hub for the config of a base
+    named by hub name, to see whether the vocabulary was resized (each adapter and state save of a
+    run over a hub base, waiting on the network), and adds the frozen embedding or lm_head weights
+    when one is a LoRA target (GBs of unchanged weights per save on a 7B base). The project never
+    trains or resizes them: nothing is asked (offline mode off, every hub request failing here)
+    and only LoRA matrices are saved."""
+    import httpx2
+    from accelerate import Accelerator
+    from huggingface_hub import constants
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from medqa_loop.checkpoint.adapter import save_adapter
+
+    base = MistralForCausalLM(MistralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1,
+    ))
+    base.name_or_path = "alecocc/mistral-7B-SFT-medqa-graph-cot"  # as from_pretrained of the hub name sets it
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=targets))
+    asked = []
+
+    def no_network(client, request, **kwargs):
+        asked.append(str(request.url))
+        raise httpx2.ConnectError("no network in this test")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(httpx2.Client, "send", no_network)
+    out = save_adapter(Accelerator(), model, tmp_path / "adapter")
+    assert asked == []
+    saved = load_file(out / ADAPTER_WEIGHTS)
+    assert len(saved) == 2 * len(targets) and all(".lora_" in k for k in saved), sorted(saved)
