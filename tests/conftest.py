@@ -53,11 +53,11 @@ def pytest_collection_modifyitems(config, items):
 
 def subprocess_env(helpers: bool = False, **extra: str) -> dict:
     """The environment of a subprocess that runs the installed package: no PYTHONPATH, or only the
-    tests' helper modules (tests/support) when ``helpers``."""
+    tests' helper modules (tests/support) when ``helpers``; ``extra`` on top (None unsets)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if helpers:
         env["PYTHONPATH"] = str(SUPPORT)
-    return {**env, **extra}
+    return {k: v for k, v in {**env, **extra}.items() if v is not None}
 
 
 def rel(a, b) -> float:
@@ -96,6 +96,26 @@ def tiny_cfg(tmp_path):
         return load_config(TINY, [f"output_dir={tmp_path / 'run'}", *overrides])
 
     return make
+
+
+@pytest.fixture
+def silent_hub():
+    """The URL of a hub endpoint that accepts connections and never answers (a network that
+    swallows requests): the hub client's requests without a timeout wait on it forever."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:  # the kernel accepts; nobody replies
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+@pytest.fixture
+def refusing_hub():
+    """The URL of a hub endpoint that refuses connections (nothing listens on its port)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

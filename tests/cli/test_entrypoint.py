@@ -4,6 +4,7 @@ installed package is what runs (CPU smoke test)."""
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,4 +45,18 @@ def test_default_recipe_fails_fast_and_clearly_without_a_hub(tmp_path):
                   accelerate=False)
     assert proc.returncode == 2
     assert "alecocc/mistral-7B-SFT-medqa-graph-cot" in proc.stderr and "local path" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_hub_that_never_answers_costs_seconds_not_a_hang(tmp_path, silent_hub):
+    """HF_HUB_OFFLINE unset and a network that accepts connections and never answers: the hub
+    client used to wait on the tokenizer forever; now the hub is asked once, for 3 s, and the run
+    goes on with local files only, where a hub name fails clearly."""
+    start = time.monotonic()
+    proc = launch("--set", f"output_dir={tmp_path / 'r'}", cwd=tmp_path, timeout=90, accelerate=False,
+                  env={"HF_HUB_OFFLINE": None, "HF_DATASETS_OFFLINE": None, "HF_ENDPOINT": silent_hub})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert time.monotonic() - start < 60
+    assert f"the hub ({silent_hub}) did not answer within 3 s: using local files only" in proc.stdout
+    assert "medqa train: error: cannot load tokenizer 'alecocc/mistral-7B-SFT-medqa-graph-cot'" in proc.stderr
     assert "Traceback" not in proc.stderr
