@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from medqa_loop.config import DataConfig
+from medqa_loop.hub import looks_local
 from medqa_loop.masking import MaskFn, MaskInput, apply_mask
 
 ASSETS = Path(__file__).parent / "assets"
@@ -67,7 +68,7 @@ def _load_source(spec: str, split: str) -> Source:
         return _load_file(path)
     if path.is_dir():
         return _load_directory(path, split)
-    if spec.startswith((".", "/", "~")) or path.suffix.lower() in FILE_FORMATS:
+    if looks_local(spec) or path.suffix.lower() in FILE_FORMATS:
         raise DataError(f"dataset path not found: {spec}")
     return _load_hub(spec, split)
 
