@@ -108,8 +108,8 @@ def prepare(work: Path, mean_tokens: float, sigma: float) -> tuple[Path, Path, P
 def summarize(metrics: Path, profiled: set[int] = frozenset()) -> dict:
     """Throughput over the logged optimizer steps after the first (which carries start-up),
     leaving out the ``profiled`` ones (the profiler slows them)."""
-    steps = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r][1:]
-    steps = [r for r in steps if r["step"] not in profiled]
+    logged = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    steps = [r for r in logged[1:] if r["step"] not in profiled]
     if not steps:
         raise ValueError(f"{metrics}: no timed steps (the first is start-up; profiled ones are left out)")
     secs = sum(r["step_time_s"] for r in steps)
@@ -121,6 +121,7 @@ def summarize(metrics: Path, profiled: set[int] = frozenset()) -> dict:
         "peak_gb": max(r.get("peak_gb", 0.0) for r in steps),
         "steps_timed": len(steps),
         "step_s": [round(r["step_time_s"], 4) for r in steps],  # the spread, not only the mean
+        "loss": [round(r["loss"], 6) for r in logged],  # every step's: numerics compared across code
     }
 
 
@@ -196,6 +197,7 @@ def main() -> None:
             "mfu": round(tokens * 4 * N_PARAMS / PEAK_FLOPS, 4),
             "mean_tokens": a.mean_tokens, "sigma": a.sigma, "steps_timed": result["steps_timed"],
             "step_s": result.get("step_s"),  # None for the HF Trainer reference
+            "loss": result.get("loss"),
             **({"job": result["job"]} if "job" in result else {}),
             "code": code_digest(),
             "command": shlex.join(cmd).replace(str(ROOT) + "/", ""),

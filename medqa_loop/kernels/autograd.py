@@ -59,6 +59,60 @@ def _frozen_weight(w: torch.Tensor, scb: torch.Tensor | None, dtype: torch.dtype
     return ops.dequantize(w, scb, dtype) if scb is not None else w.to(dtype)
 
 
+# -- one frozen projection and its LoRA: the maths LoraLinear and the decoder layer's nodes share --
+#
+# A projection is given as the 8 arguments (w, scb, bias, lora_a, lora_b, scale, p, seed):
+# lora_a = lora_b = None for a frozen linear with no adapter. _project is its forward on a 2-D
+# input, _project_backward its gradients.
+
+
+def _project(x2, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed: int, with_base: bool = True):
+    """(y, xa, a, b) for one projection of the 2-D x2: y = x2 W^T + b + scale * (dropout(x2) A^T) B^T
+    (``x2 W^T`` left out without ``with_base``), xa = scale/(1-p) * dropout(x2) A^T, and A, B cast to
+    x2's dtype (None, None, None for a projection without LoRA)."""
+    dtype = x2.dtype
+    bias = None if bias is None else bias.to(dtype)
+    if lora_a is None:
+        if with_base:
+            return F.linear(x2, _frozen_weight(w, scb, dtype), bias), None, None, None
+        y = x2.new_zeros(x2.size(0), w.size(0))
+        return (y if bias is None else y.add_(bias)), None, None, None
+    a, b = lora_a.to(dtype), lora_b.to(dtype)
+    if p > 0:
+        xa = ops.dropped_linear(x2, a, dropout_args(p, seed, x2.numel()), scale / (1.0 - p))
+    else:
+        xa = F.linear(x2, a).mul_(scale)
+    y = torch.mm(xa, b.t()) if bias is None else torch.addmm(bias, xa, b.t())
+    if with_base:  # the frozen matmul adds onto the LoRA output in its epilogue (see LoraLinear)
+        y.addmm_(x2, _frozen_weight(w, scb, dtype).t())
+    return y, xa, a, b
+
+
+def _project_backward(g, x2, w, scb, a, b, xa, scale: float, p: float, seed: int, grad_dtypes,
+                      grad_x=None, need_x: bool = True):
+    """(grad_a, grad_b, grad_x) of one projection, for the 2-D output gradient g and input x2:
+    LoRA's gradients in ``grad_dtypes`` (None without LoRA), and x's gradient through this
+    projection added into ``grad_x`` (in place) when given, else a new tensor (None without ``need_x``)."""
+    grad_a = grad_b = part = None
+    if a is not None:
+        drop = dropout_args(p, seed, x2.numel())
+        grad_b = (g.t() @ xa).to(grad_dtypes[1])
+        # d loss / d (dropout(x) A^T), r wide: the scale and 1/(1-p) the forward put on xa.
+        g_xa = (g @ b).mul_(scale / (1.0 - p))
+        grad_a = (ops.dropped_grad(g_xa, x2, drop) if p > 0 else g_xa.t() @ x2).to(grad_dtypes[0])
+        if need_x:
+            part = ops.dropped_product(g_xa, a, drop) if p > 0 else g_xa @ a  # zero where x was dropped
+    if need_x:
+        weight = _frozen_weight(w, scb, g.dtype)
+        part = torch.mm(g, weight) if part is None else part.addmm_(g, weight)
+        grad_x = part if grad_x is None else grad_x.add_(part)
+    return grad_a, grad_b, grad_x
+
+
+def _grad_dtypes(lora_a, lora_b):
+    return None if lora_a is None else (lora_a.dtype, lora_b.dtype)
+
+
 class LoraLinear(torch.autograd.Function):
     """y = x W^T + b + scale * (dropout(x) A^T) B^T, W and b frozen, A and B trained.
 
@@ -77,16 +131,8 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed: int, with_base: bool = True):
-        dtype = x.dtype
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
         x2 = x.reshape(-1, x.size(-1))  # 2-D here and in backward: the same mask indices
-        if p > 0:
-            xa = ops.dropped_linear(x2, a, dropout_args(p, seed, x2.numel()), scale / (1.0 - p))
-        else:
-            xa = F.linear(x2, a).mul_(scale)
-        y = torch.mm(xa, b.t()) if bias is None else torch.addmm(bias.to(dtype), xa, b.t())
-        if with_base:
-            y.addmm_(x2, _frozen_weight(w, scb, dtype).t())
+        y, xa, a, b = _project(x2, w, scb, bias, lora_a, lora_b, scale, p, seed, with_base)
         ctx.save_for_backward(x, w, scb, a, b, xa)
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
         ctx.grad_dtypes = lora_a.dtype, lora_b.dtype
@@ -95,26 +141,145 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, w, scb, a, b, xa = ctx.saved_tensors
-        p, dtype = ctx.p, grad_y.dtype
-        drop = dropout_args(p, ctx.seed, x.numel())
-        a_dtype, b_dtype = ctx.grad_dtypes
         g = grad_y.reshape(-1, grad_y.size(-1))
-        x2 = x.reshape(-1, x.size(-1))
-        grad_b = (g.t() @ xa).to(b_dtype)
-        # d loss / d (dropout(x) A^T), r wide: the scale and 1/(1-p) the forward put on xa.
-        g_xa = (g @ b).mul_(ctx.scale / (1.0 - p))
-        grad_a = (ops.dropped_grad(g_xa, x2, drop) if p > 0 else g_xa.t() @ x2).to(a_dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # the first layer's input comes from frozen embeddings
-            lora_part = ops.dropped_product(g_xa, a, drop) if p > 0 else g_xa @ a  # zero where x was dropped
-            grad_x = lora_part.addmm_(g, _frozen_weight(w, scb, dtype)).view_as(x)
-        return grad_x, None, None, None, grad_a, grad_b, None, None, None, None
+        # the first layer's input comes from frozen embeddings: no gradient for it
+        grad_a, grad_b, grad_x = _project_backward(
+            g, x.reshape(-1, x.size(-1)), w, scb, a, b, xa, ctx.scale, ctx.p, ctx.seed, ctx.grad_dtypes,
+            need_x=ctx.needs_input_grad[0],
+        )
+        return None if grad_x is None else grad_x.view_as(x), None, None, None, grad_a, grad_b, None, None, None, None
+
+
+PROJECTION_ARGS = 8  # (w, scb, bias, lora_a, lora_b, scale, p, seed): one projection, flattened
+
+
+def _projections(flat) -> list[tuple]:
+    return [tuple(flat[i : i + PROJECTION_ARGS]) for i in range(0, len(flat), PROJECTION_ARGS)]
+
+
+def _projection_grads(grads) -> list:
+    """The ``backward`` return values for one projection's 8 arguments: only A and B have gradients."""
+    grad_a, grad_b = grads
+    return [None, None, None, grad_a, grad_b, None, None, None]
+
+
+class _SavedProjections:
+    """What the fused nodes keep of their projections: the tensors (w, scb, A, B cast, xa) go
+    through ``save_for_backward``, the rest (scale, p, seed, gradient dtypes) on ctx."""
+
+    @staticmethod
+    def save(ctx, leading: list, projections: list[tuple], outputs: list[tuple]) -> None:
+        tensors, ctx.projection_meta = list(leading), []
+        for (w, scb, _bias, lora_a, lora_b, scale, p, seed), (_y, xa, a, b) in zip(projections, outputs):
+            tensors += [w, scb, a, b, xa]
+            ctx.projection_meta.append((scale, p, seed, _grad_dtypes(lora_a, lora_b)))
+        ctx.n_leading = len(leading)
+        ctx.save_for_backward(*tensors)
+
+    @staticmethod
+    def load(ctx) -> tuple[list, list[tuple]]:
+        saved = ctx.saved_tensors
+        leading, rest = list(saved[: ctx.n_leading]), saved[ctx.n_leading :]
+        return leading, [(*rest[5 * i : 5 * i + 5], *meta) for i, meta in enumerate(ctx.projection_meta)]
+
+
+def _backward_projections(grads, x2, saved, need_x: bool, grad_x=None):
+    """(x's gradient summed over the projections that read x2, added into ``grad_x`` when given,
+    [(grad_a, grad_b)] of each projection)."""
+    lora_grads = []
+    for g, (w, scb, a, b, xa, scale, p, seed, dtypes) in zip(grads, saved):
+        if g is None:  # an output backward never reached
+            lora_grads.append((None, None))
+            continue
+        g = g.reshape(-1, g.size(-1))
+        grad_a, grad_b, grad_x = _project_backward(g, x2, w, scb, a, b, xa, scale, p, seed, dtypes, grad_x, need_x)
+        lora_grads.append((grad_a, grad_b))
+    return grad_x, lora_grads
+
+
+class NormedProjections(torch.autograd.Function):
+    """[proj(rmsnorm(x)) for each projection]: the projections that read one normed input (a
+    decoder layer's q, k and v) as one node, each given as PROJECTION_ARGS arguments.
+
+    It keeps x and 1/rms, not the normed input: backward normalises x again (one elementwise
+    pass, the same bits as the forward's). RMSNormFn followed by LoraLinears keeps both, x in the
+    norm and the normed input in the projections: hidden_size x 2 bytes a token more per norm.
+    The norm's weight is frozen, as in RMSNormFn.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps: float, *flat):
+        ctx.set_materialize_grads(False)  # an output backward never reached gets None, not zeros
+        normed, rstd = ops.rmsnorm(x, norm_weight, eps)
+        n2 = normed.reshape(-1, normed.size(-1))
+        projections = _projections(flat)
+        outputs = [_project(n2, *proj) for proj in projections]
+        # Where x has no gradient (the first layer's input: the frozen embeddings) backward needs
+        # the normed input alone: that is kept instead.
+        ctx.need_x = ctx.needs_input_grad[0]
+        leading = [x, norm_weight, rstd] if ctx.need_x else [normed, None, None]
+        _SavedProjections.save(ctx, leading, projections, outputs)
+        ctx.eps = eps
+        return tuple(y.view(*x.shape[:-1], y.size(-1)) for y, *_ in outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (x, norm_weight, rstd), saved = _SavedProjections.load(ctx)
+        normed = ops.rmsnorm(x, norm_weight, ctx.eps)[0] if ctx.need_x else x
+        grad_n, lora_grads = _backward_projections(grads, normed.reshape(-1, x.size(-1)), saved, ctx.need_x)
+        grad_x = ops.rmsnorm_backward(x, norm_weight, rstd, grad_n.view_as(x)) if ctx.need_x else None
+        return grad_x, None, None, *[g for pair in lora_grads for g in _projection_grads(pair)]
+
+
+class NormedSwiGLU(torch.autograd.Function):
+    """A SiLU-gated MLP up to its last frozen matmul, as one node: with n = rmsnorm(x),
+    h = silu(gate(n)) * up(n), it returns (h, down's LoRA output on h, bias included, without
+    ``h W_down^T``), which ``BaseAfterLora`` adds so that a checkpointed layer's recompute stops
+    before that matmul. The arguments after eps: gate's, up's and down's PROJECTION_ARGS.
+
+    It keeps x, 1/rms, gate(n) and up(n): neither n (as NormedProjections) nor h, which backward
+    recomputes from gate and up (one elementwise pass). SiluMul followed by a LoraLinear keeps h
+    too: intermediate_size x 2 bytes a token, a fifth of an uncheckpointed Mistral layer's
+    activations. down's input gradient, W's part included, is computed here (BaseAfterLora passes
+    none), so gate and up's gradients come out of one pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, eps: float, *flat):
+        ctx.set_materialize_grads(False)  # h's gradient (none: see BaseAfterLora) stays None, not zeros
+        normed, rstd = ops.rmsnorm(x, norm_weight, eps)
+        n2 = normed.reshape(-1, normed.size(-1))
+        gate, up, down = _projections(flat)
+        gate_out, up_out = _project(n2, *gate), _project(n2, *up)
+        h = ops.silu_mul(gate_out[0], up_out[0])
+        down_out = _project(h, *down, with_base=False)
+        _SavedProjections.save(ctx, [x, norm_weight, rstd, gate_out[0], up_out[0]], [gate, up, down],
+                               [gate_out, up_out, down_out])
+        ctx.eps = eps
+        shape = x.shape[:-1]
+        return h.view(*shape, h.size(-1)), down_out[0].view(*shape, down_out[0].size(-1))
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_down):
+        (x, norm_weight, rstd, g, u), (gate, up, down) = _SavedProjections.load(ctx)
+        h = ops.silu_mul(g, u)
+        # BaseAfterLora gives h no gradient; one would come from another use of h.
+        grad_h = None if grad_h is None else grad_h.reshape(-1, grad_h.size(-1)).clone()
+        grad_h, down_grads = _backward_projections([grad_down], h, [down], True, grad_h)
+        del h
+        grad_g, grad_u = ops.silu_mul_backward(g, u, grad_h)
+        del grad_h
+        normed = ops.rmsnorm(x, norm_weight, ctx.eps)[0]
+        need_x = ctx.needs_input_grad[0]
+        grad_n, gate_up_grads = _backward_projections([grad_g, grad_u], normed.reshape(-1, x.size(-1)), [gate, up], need_x)
+        grad_x = ops.rmsnorm_backward(x, norm_weight, rstd, grad_n.view_as(x)) if need_x else None
+        return grad_x, None, None, *[g for pair in gate_up_grads + down_grads for g in _projection_grads(pair)]
 
 
 class BaseAfterLora(torch.autograd.Function):
-    """y = x W^T + lora_out, for ``lora_out`` from ``LoraLinear(..., with_base=False)`` (which adds
-    the bias) on the same x, which owns x's whole gradient: this node saves nothing and passes
-    the gradient on.
+    """y = x W^T + lora_out, for ``lora_out`` from ``LoraLinear(..., with_base=False)`` or
+    ``NormedSwiGLU`` (which add the bias) on the same x, and which own x's whole gradient: this
+    node saves nothing and passes the gradient on.
 
     Why split: an activation-checkpointed layer's recompute exists only to refill the tensors
     backward saved, and stops once the last of them is back (torch.utils.checkpoint's early

@@ -14,7 +14,10 @@ its rotary function swapped (``_with_fused_rotary``). The swaps:
   ``SiluMul``, the attention's ``apply_rotary_pos_emb`` through ``RotaryFn`` where it covers the
   inputs, and the causal LM's loss head (``_target_loss_forward``): called with a batch's target
   positions, it returns the weighted loss sum from the final hidden states at those positions
-  (``ops.linear_cross_entropy_sum``), never computing a logit elsewhere or keeping one.
+  (``ops.linear_cross_entropy_sum``), never computing a logit elsewhere or keeping one. Then
+  each Mistral or Llama decoder layer whose projections those swaps routed gets
+  ``medqa_loop.kernels.decoder``'s forward: the whole layer as four fused nodes (less memory a
+  token, less CPU time), which runs the per-module path above where it might differ.
 * ``register_varlen_attention`` (``model.attn_implementation: varlen``): the packed-pair attention
   of ``medqa_loop.kernels.attention`` under that name in transformers' attention registry.
 """
@@ -26,7 +29,7 @@ import types
 
 import torch
 
-from medqa_loop.kernels import attention, ops
+from medqa_loop.kernels import attention, decoder, ops
 from medqa_loop.kernels.autograd import BaseAfterLora, DequantLinear, LoraLinear, RMSNormFn, RotaryFn, SiluMul
 
 
@@ -101,24 +104,48 @@ def _with_fused_rotary(forward):
     return copy
 
 
-def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT LoRA layer forward through LoraLinear, when it is the plain single-adapter case."""
+def _plain_adapter(self) -> str | None:
+    """The name of a PEFT LoRA layer's one active adapter when it is the plain case the fused
+    functions compute (not merged or disabled, one adapter, no DoRA-like variant), else None."""
     names = [n for n in self.active_adapters if n in self.lora_A]
     variants = getattr(self, "lora_variant", {})  # DoRA and friends (newer PEFT)
-    if self.disable_adapters or self.merged or args or kwargs or len(names) != 1 or names[0] in variants:
+    if self.disable_adapters or self.merged or len(names) != 1 or names[0] in variants:
+        return None
+    return names[0]
+
+
+def projection_args(module, draw: bool = True) -> tuple | None:
+    """The 8 arguments (autograd.PROJECTION_ARGS) the fused functions take for one projection:
+    a routed PEFT LoRA layer in the plain case (its dropout seed drawn when it trains with
+    dropout and ``draw``), or a frozen linear without LoRA (a dequantized bitsandbytes layer or
+    a plain Linear); None for anything else (LLM.int8, several adapters, a trained base...)."""
+    if getattr(module.forward, "__func__", None) is _lora_forward:
+        name = _plain_adapter(module)
+        if name is None:
+            return None
+        dropout = module.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, torch.nn.Dropout) and module.training else 0.0
+        # Drawn from the global CPU generator: seeded runs repeat, and activation checkpointing
+        # (which restores the RNG state for its recompute) draws the same seed again.
+        seed = int(torch.randint(2**62, ())) if p > 0 and draw else 0
+        base = module.get_base_layer()
+        w, scb = int8_state(base) if base.weight.dtype == torch.int8 else (base.weight, None)
+        return w, scb, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name], p, seed
+    if uses_dequant_matmul(module):
+        return (*int8_state(module), module.bias, None, None, 0.0, 0.0, 0)
+    if type(module) is torch.nn.Linear and not module.weight.requires_grad:
+        return module.weight, None, module.bias, None, None, 0.0, 0.0, 0
+    return None
+
+
+def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT LoRA layer forward through LoraLinear, when it is the plain single-adapter case."""
+    if args or kwargs or _plain_adapter(self) is None:
         return type(self).forward(self, x, *args, **kwargs)
-    name = names[0]
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
-    # Drawn from the global CPU generator: seeded runs repeat, and activation checkpointing
-    # (which restores the RNG state for its recompute) draws the same seed again.
-    seed = int(torch.randint(2**62, ())) if p > 0 else 0
-    base = self.get_base_layer()
-    w, scb = int8_state(base) if base.weight.dtype == torch.int8 else (base.weight, None)
-    lora = (self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, seed)
+    w, scb, bias, *lora = projection_args(self)
     if getattr(self, "_medqa_base_last", False):  # the layer's last projection: see BaseAfterLora
-        return BaseAfterLora.apply(x, w, scb, LoraLinear.apply(x, w, scb, base.bias, *lora, False))
-    return LoraLinear.apply(x, w, scb, base.bias, *lora)
+        return BaseAfterLora.apply(x, w, scb, LoraLinear.apply(x, w, scb, bias, *lora, False))
+    return LoraLinear.apply(x, w, scb, bias, *lora)
 
 
 def _target_loss_forward(
@@ -171,8 +198,9 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
     LoRA layers over bitsandbytes' LLM.int8 matmul (``model.int8_matmul: bnb``) are left alone."""
     from peft.tuners.lora import LoraLayer
 
-    counts = {"lora": 0, "rmsnorm": 0, "mlp": 0, "rotary": 0, "loss_head": 0}
-    for module in model.modules():
+    counts = {"lora": 0, "rmsnorm": 0, "mlp": 0, "rotary": 0, "loss_head": 0, "decoder_layer": 0}
+    modules = list(model.modules())
+    for module in modules:
         kind = type(module).__name__
         # transformers' causal LM itself, whose own child is a plain lm_head (not PEFT's wrapper,
         # which only forwards attribute reads to it, nor an lm_head LoRA trains)
@@ -195,6 +223,11 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
             module.forward = types.MethodType(_mlp_forward, module)
             module.down_proj._medqa_base_last = True  # the last matmul of a decoder layer
             counts["mlp"] += 1
+    # Last: whether a layer is covered depends on its projections' swaps above.
+    for module in modules:
+        if decoder.covers(module, projection_args):
+            module.forward = types.MethodType(decoder.decoder_layer_forward, module)
+            counts["decoder_layer"] += 1
     return counts
 
 
@@ -232,6 +265,7 @@ def fast_path_report(model, cfg, device) -> dict:
         "fused_mlps": routed(_mlp_forward),
         "fused_rotary": sum(1 for m in model.modules() if getattr(getattr(m.forward, "__func__", None), "_medqa_fused_rotary", False)),
         "fused_loss_head": routed(_target_loss_forward),
+        "fused_decoder_layers": routed(decoder.decoder_layer_forward),
         "loss_head_kernel": "liger" if cuda and ops.liger_available() else "eager reference",
         "dequantized_linears": routed(_dequant_forward),
         "lora_linears": sum(1 for m in model.modules() if isinstance(m, LoraLayer)),
@@ -244,6 +278,7 @@ def describe(report: dict) -> str:
     fused = (
         f"fused: {report['fused_lora_linears']} of {report['lora_linears']} LoRA linears, {report['fused_rmsnorms']} "
         f"RMSNorms, {report['fused_mlps']} MLPs, {report['fused_rotary']} rotary embeddings, with {report['kernels']} kernels; "
+        f"{report.get('fused_decoder_layers', 0)} decoder layers as fused nodes; "
         f"loss head over target positions: {report['fused_loss_head']} ({report['loss_head_kernel']})"
         if report["fused_ops"] else "fused ops off (transformers' and PEFT's modules)"
     )

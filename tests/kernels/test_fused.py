@@ -166,8 +166,8 @@ def test_use_fused_ops_counts_and_leaves_llm_int8_lora_alone(tiny_cfg, tmp_path)
 
     from medqa_loop.model import is_int8_linear
 
-    # 2 layers x 7; 2 per layer + final; 1 per layer; 1 per layer; the causal LM
-    expected = {"lora": 14, "rmsnorm": 5, "mlp": 2, "rotary": 2, "loss_head": 1}
+    # 2 layers x 7; 2 per layer + final; 1 per layer; 1 per layer; the causal LM; 1 per layer
+    expected = {"lora": 14, "rmsnorm": 5, "mlp": 2, "rotary": 2, "loss_head": 1, "decoder_layer": 2}
     stock = build(tiny_cfg, tmp_path, "stock", "model.fused_ops=false")
     model = stock.model
     # The counts are the model's modules, counted here without use_fused_ops' own tests.
@@ -181,7 +181,8 @@ def test_use_fused_ops_counts_and_leaves_llm_int8_lora_alone(tiny_cfg, tmp_path)
     bnb = build(tiny_cfg, tmp_path, "bnb", "model.int8_matmul=bnb", "model.fused_ops=false")
     loras = [m for m in bnb.model.modules() if isinstance(m, LoraLayer)]
     assert len(loras) == 14 and all(is_int8_linear(m.get_base_layer()) for m in loras)
-    assert use_fused_ops(bnb.model) == {"lora": 0, "rmsnorm": 5, "mlp": 2, "rotary": 2, "loss_head": 1}
+    # LLM.int8 LoRA layers are none of the projections the fused decoder layer computes
+    assert use_fused_ops(bnb.model) == {"lora": 0, "rmsnorm": 5, "mlp": 2, "rotary": 2, "loss_head": 1, "decoder_layer": 0}
     assert swapped(bnb.model, patch._lora_forward) == 0 and swapped(bnb.model, patch._rmsnorm_forward) == 5
 
 

@@ -1,0 +1,129 @@
+"""The fused decoder layer (medqa_loop.kernels.decoder): the per-module fast path's numbers, less
+memory kept for backward, and the per-module path wherever a hook watches a module."""
+
+import pytest
+import torch
+
+from conftest import rel
+from medqa_loop.batching import collate
+from medqa_loop.kernels import decoder
+from medqa_loop.model import decoder_layers, model_loss_sum
+from medqa_loop.train import prepare_run
+
+
+def build(tiny_cfg, tmp_path, name, *overrides):
+    parts = prepare_run(tiny_cfg(f"output_dir={tmp_path / name}", "model.attn_implementation=sdpa", *overrides))
+    parts.model.train()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B non-zero, so every LoRA gradient is
+        for n, p in parts.model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if "lora_A" in n else 0.02))
+    return parts
+
+
+def packed(parts):
+    return collate(parts.train_examples[:3], pad_id=parts.tokenizer.pad_token_id, packed=True)
+
+
+def per_module(model):
+    """Force every decoder layer onto the per-module path: a do-nothing hook on each q_proj."""
+    return [layer.self_attn.q_proj.register_forward_hook(lambda *a: None) for layer in decoder_layers(model)]
+
+
+def loss_and_grads(model, batch, seed=5):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = model_loss_sum(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["no-checkpointing", "checkpointed"])
+def test_fused_layers_equal_the_per_module_path_with_dropout(tiny_cfg, tmp_path, gc):
+    """The same kernels and the same dropout seeds, drawn in the same order: the same loss and
+    LoRA gradients, in fp32 to rounding, with and without activation checkpointing."""
+    parts = build(tiny_cfg, tmp_path, "m", "lora.dropout=0.2", f"model.gradient_checkpointing={gc}")
+    model, batch = parts.model, packed(parts)
+    calls = []
+    layer0 = decoder_layers(model)[0]
+    original = decoder._fused_forward
+    try:  # count the fused bodies that run, so the comparison below is fused against per-module
+        decoder._fused_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+        got_loss, got = loss_and_grads(model, batch)
+        assert len(calls) >= len(decoder_layers(model))  # every layer (again in a recompute)
+        handles = per_module(model)
+        calls.clear()
+        want_loss, want = loss_and_grads(model, batch)
+        assert calls == [], "a hooked layer ran the fused forward"
+    finally:
+        decoder._fused_forward = original
+    for h in handles:
+        h.remove()
+    assert layer0.forward.__func__ is decoder.decoder_layer_forward
+    assert rel(got_loss, want_loss) < 1e-6
+    assert len(want) == 28
+    for name in want:
+        assert want[name].norm() > 0 and rel(got[name], want[name]) < 1e-5, name
+    # and the seed matters: another draw of the dropout masks, another loss
+    other, _ = loss_and_grads(model, batch, seed=6)
+    assert abs(other - got_loss) / got_loss > 1e-4
+
+
+def saved_activation_bytes(model, batch) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward in one forward, parameters and
+    buffers (and views of them) not counted."""
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model_loss_sum(model, batch)
+    return sum(storages.values())
+
+
+def test_a_fused_layer_keeps_neither_normed_input_nor_the_swiglu_product(tiny_cfg, tmp_path):
+    """Without checkpointing, the fused layer keeps exactly two normed inputs [T, hidden] and the
+    product silu(gate) * up [T, intermediate] less per layer than the per-module path, which
+    keeps each next to its own input; everything else is the same. (The first layer's input,
+    the frozen embeddings, needs no gradient: both paths keep its first normed input.)"""
+    parts = build(tiny_cfg, tmp_path, "m", "model.gradient_checkpointing=false")
+    model, batch = parts.model, packed(parts)
+    fused = saved_activation_bytes(model, batch)
+    handles = per_module(model)
+    modules = saved_activation_bytes(model, batch)
+    for h in handles:
+        h.remove()
+    cfg, tokens = model.config, batch["input_ids"].numel()
+    per_layer = 2 * cfg.hidden_size + cfg.intermediate_size
+    assert modules - fused == (cfg.num_hidden_layers * per_layer - cfg.hidden_size) * tokens * 4  # fp32 on the CPU
+
+
+def test_generation_and_hooks_run_the_stock_forward(tiny_cfg, tmp_path):
+    """With a KV cache the layer runs its stock forward (the fused nodes never see a cache); a
+    forward hook on a LoRA layer (the gradient debugger's) sees that layer's output."""
+    parts = build(tiny_cfg, tmp_path, "m")
+    model, batch = parts.model, packed(parts)
+    seen = []
+    handle = decoder_layers(model)[1].mlp.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    model_loss_sum(model, batch)
+    handle.remove()
+    assert seen == [(1, batch["input_ids"].numel(), model.config.hidden_size)]
+
+    calls = []
+    original = decoder._fused_forward
+    decoder._fused_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(input_ids=batch["input_ids"][:, :8], max_new_tokens=3, do_sample=False)
+    finally:
+        decoder._fused_forward = original
+    assert out.shape == (1, 11) and calls == []
