@@ -59,6 +59,9 @@ class ModelConfig:
     # fewest decoder layers with which the run fits the GPU's free memory (on the CPU: all of
     # them); true = every layer, false = none, N = the first N layers.
     gradient_checkpointing: bool | int | str = "auto"
+    # The most GPU memory (GB) the memory plan may plan for, when less than the GPU has free: to
+    # leave room for other work, or to plan as for a smaller GPU. null: the free memory.
+    memory_limit_gb: float | None = None
     # transformers attention kernel: "varlen" (FlashAttention over each packed pair alone,
     # medqa_loop.kernels.attention; padded batches use SDPA), "sdpa" (PyTorch's fused attention; packed
     # rows get a block-diagonal mask, computed in full), "eager", or "flex_attention" (compiled).
@@ -322,6 +325,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'model.gradient_checkpointing' must be auto, true, false or a number of layers >= 0; got {gc!r}"
         )
+    if m.memory_limit_gb is not None and (
+        isinstance(m.memory_limit_gb, bool) or not isinstance(m.memory_limit_gb, (int, float)) or m.memory_limit_gb <= 0
+    ):
+        raise ConfigError(f"config key 'model.memory_limit_gb' must be a number of GB > 0 or null; got {m.memory_limit_gb!r}")
     if d.batching == "pack" and d.pack_tokens < d.max_length:
         raise ConfigError(
             f"config key 'data.pack_tokens' ({d.pack_tokens}) must be >= data.max_length "

@@ -157,8 +157,8 @@ def largest_micro_batch(examples: list[dict], cfg, world: int = 1) -> int:
 def plan(cfg, model_config, examples: list[dict], device, world: int = 1) -> tuple[int, dict, str]:
     """(decoder layers to checkpoint, the plan's figures for metrics.jsonl, the start-up line),
     for ``model.gradient_checkpointing``: true = every layer, false = none, N = the first N,
-    "auto" = ``choose`` on a GPU (its free memory now, before the base is loaded) and every layer
-    on the CPU, where memory is not the limit. Raises MemoryPlanError for an auto plan that does
+    "auto" = ``choose`` on a GPU (its free memory now, before the base is loaded, or
+    ``model.memory_limit_gb`` where that is less) and every layer on the CPU, where memory is not the limit. Raises MemoryPlanError for an auto plan that does
     not fit."""
     import torch
 
@@ -176,9 +176,12 @@ def plan(cfg, model_config, examples: list[dict], device, world: int = 1) -> tup
     model = memory_model(model_config, cfg.lora.r, cfg.lora.target_modules, cfg.model.load_in_8bit)
     tokens = largest_micro_batch(examples, cfg, world)
     free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
+    limit = cfg.model.memory_limit_gb
     if forced is None:
-        chosen = choose(model, tokens, free_gb)
+        chosen = choose(model, tokens, free_gb if limit is None else min(free_gb, limit))
         layers, line = chosen.layers, chosen.reason
+        if limit is not None and limit < free_gb:
+            line = line.replace(" GB free,", f" GB by model.memory_limit_gb ({free_gb:.1f} GB free),", 1)
     else:
         layers, estimate = forced, model.estimate_gb(tokens, forced)
         line = (
@@ -187,6 +190,6 @@ def plan(cfg, model_config, examples: list[dict], device, world: int = 1) -> tup
         )
     record = {
         "checkpoint_layers": layers, "memory_estimate_gb": round(model.estimate_gb(tokens, layers), 2),
-        "memory_free_gb": round(free_gb, 2), "largest_micro_batch_tokens": tokens,
+        "memory_free_gb": round(free_gb, 2), "memory_limit_gb": limit, "largest_micro_batch_tokens": tokens,
     }
     return layers, record, line

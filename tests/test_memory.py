@@ -72,3 +72,27 @@ def test_a_bad_setting_is_a_config_error(tiny_cfg, setting):
 
     with pytest.raises(ConfigError, match="model.gradient_checkpointing"):
         tiny_cfg(f"model.gradient_checkpointing={setting}")
+
+
+def test_a_memory_limit_plans_for_less_than_the_gpu_has_free(tiny_cfg, monkeypatch):
+    """model.memory_limit_gb caps what the plan plans for: on a GPU with 139 GB free, a 16 GB
+    limit checkpoints the layers a 16 GB GPU would, and the start-up line says why."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (139e9, 141e9))
+    examples = [{"input_ids": [1] * 400, "labels": [1] * 400}] * 64
+    free = M.plan(tiny_cfg(), MistralConfig(), examples, "cuda")
+    limited = M.plan(tiny_cfg("model.memory_limit_gb=16"), MistralConfig(), examples, "cuda")
+    tokens = M.largest_micro_batch(examples, tiny_cfg())
+    assert tokens >= 3200 and free[0] == 0  # whole windows packed into one row
+    assert limited[0] == M.choose(SEVEN_B, tokens, free_gb=16).layers > 0
+    assert limited[1]["memory_estimate_gb"] <= 0.9 * 16 and limited[1]["memory_limit_gb"] == 16
+    assert "16.0 GB by model.memory_limit_gb (139.0 GB free)" in limited[2]
+
+
+@pytest.mark.parametrize("setting", [0, -2, "lots", True])
+def test_a_bad_memory_limit_is_a_config_error(tiny_cfg, setting):
+    from medqa_loop.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.memory_limit_gb"):
+        tiny_cfg(f"model.memory_limit_gb={setting}")
