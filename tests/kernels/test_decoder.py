@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import rel
-from medqa_loop.batching import collate
+from medqa_loop.batching import collate, to_device
 from medqa_loop.kernels import decoder
 from medqa_loop.model import decoder_layers, model_loss_sum
 from medqa_loop.train import prepare_run
@@ -23,7 +23,8 @@ def build(tiny_cfg, tmp_path, name, *overrides):
 
 
 def packed(parts):
-    return collate(parts.train_examples[:3], pad_id=parts.tokenizer.pad_token_id, packed=True)
+    batch = collate(parts.train_examples[:3], pad_id=parts.tokenizer.pad_token_id, packed=True)
+    return to_device(batch, parts.accelerator.device)
 
 
 def per_module(model):
@@ -127,3 +128,22 @@ def test_generation_and_hooks_run_the_stock_forward(tiny_cfg, tmp_path):
     finally:
         decoder._fused_forward = original
     assert out.shape == (1, 11) and calls == []
+
+
+@pytest.mark.cuda
+def test_fused_layers_on_cuda_equal_the_per_module_path_in_bf16(tiny_cfg, tmp_path):
+    """As the GPU runs them: bf16, Triton kernels, FlashAttention over packed pairs, dropout.
+    The fused nodes and the per-module path run the same kernels on the same masks; only sums
+    meet in another order (q, k and v's input gradients), so they agree to bf16 rounding."""
+    parts = build(tiny_cfg, tmp_path, "m", "model.dtype=bfloat16", "model.attn_implementation=varlen",
+                  "lora.dropout=0.1", "model.gradient_checkpointing=false")
+    model, batch = parts.model, packed(parts)
+    assert batch["input_ids"].is_cuda
+    got_loss, got = loss_and_grads(model, batch)
+    handles = per_module(model)
+    want_loss, want = loss_and_grads(model, batch)
+    for h in handles:
+        h.remove()
+    assert rel(got_loss, want_loss) < 1e-3
+    for name in want:
+        assert want[name].norm() > 0 and rel(got[name], want[name]) < 3e-2, name
