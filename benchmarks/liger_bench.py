@@ -429,6 +429,19 @@ def loss_head(bench: Bench, t: int, liger) -> None:
         "logits = hidden @ W.T, then medqa_loop.losses.weighted_loss_sum",
         reference=True,
     )
+    def ours(h):
+        from medqa_loop.kernels import ops
+
+        rows, targets, w = target_rows(h, labels, weights)
+        return ops.linear_cross_entropy_sum(rows, weight, targets, w)
+
+    measure(
+        "ours: LinearCrossEntropySum, target rows, weights",
+        ours,
+        "medqa_loop.kernels.autograd.LinearCrossEntropySum (the training head): chunks of 1024 rows, "
+        "the Triton cross-entropy writing each row's weighted gradient in place; hidden's gradient "
+        "is computed in its forward (fwd_ms includes it); no host sync",
+    )
     flce = getattr(liger, "LigerFusedLinearCrossEntropyFunction", None)
     if liger is not None and flce is None:
         error = "liger_kernel.ops has no LigerFusedLinearCrossEntropyFunction"

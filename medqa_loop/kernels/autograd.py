@@ -345,3 +345,39 @@ class RotaryFn(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         grads = [None if g is None else ops.rotary(g, cos, sin, backward=True) for g in (grad_q, grad_k)]
         return *grads, None, None
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i weights[i] * cross_entropy(hidden[i] @ W^T, targets[i]) for a frozen W (the lm_head),
+    a chunk of rows at a time: each chunk's [rows, vocab] logits are made, turned into their own
+    gradient in place (``ops.cross_entropy_rows``) and multiplied back into hidden's gradient at
+    once, so no logit outlives its chunk and backward only scales what the forward kept
+    ([rows, hidden]): two matmuls a chunk, not three as with a recompute.
+
+    Liger-Kernel's fused linear cross-entropy does the same, and reads its target count to the
+    host (``.item()``) on every call; that sync holds the CPU until the GPU has run the whole
+    forward, so the backward is never queued ahead (BENCHMARKS.md). Nothing here reads the GPU.
+    """
+
+    CHUNK = 1024  # rows: a [1024, 32k] bf16 logits chunk is 66 MB
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights):
+        w = weight.to(hidden.dtype)
+        need = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if need else None
+        # fp32 (fp64 stays fp64), as the cross-entropy returns it
+        losses = torch.empty(hidden.size(0), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        for s in range(0, hidden.size(0), LinearCrossEntropySum.CHUNK):
+            e = s + LinearCrossEntropySum.CHUNK
+            logits = hidden[s:e] @ w.t()
+            losses[s:e] = ops.cross_entropy_rows(logits, targets[s:e], weights[s:e], need)
+            if need:
+                torch.mm(logits, w, out=grad_hidden[s:e])
+        ctx.save_for_backward(grad_hidden)
+        return losses @ weights.to(losses.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss.to(grad_hidden.dtype), None, None, None

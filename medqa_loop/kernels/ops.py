@@ -37,20 +37,6 @@ def triton_available() -> bool:
     return _triton() is not None
 
 
-@functools.cache
-def _liger_linear_cross_entropy():
-    """Liger-Kernel's fused linear cross-entropy (``pip install 'medqa_loop[gpu]'``), or None."""
-    try:
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
-    except ImportError:
-        return None
-    return LigerFusedLinearCrossEntropyFunction
-
-
-def liger_available() -> bool:
-    return _liger_linear_cross_entropy() is not None
-
-
 def backend(t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT):
     """``triton_ops`` where ``t`` is on CUDA in one of ``dtypes`` and Triton imports, else
     ``reference``: the two modules have the same functions."""
@@ -124,18 +110,18 @@ def rotary(x, cos, sin, backward: bool = False):
     return _triton().rotary(x, cos, sin, backward=backward)
 
 
-# -- the loss head: Liger's fused linear cross-entropy, or the reference ------------------------
+# -- the loss head ------------------------------------------------------------------------------
+
+
+def cross_entropy_rows(logits, targets, weights, grad: bool):
+    return backend(logits).cross_entropy_rows(logits, targets, weights, grad)
 
 
 def linear_cross_entropy_sum(hidden, weight, targets, weights):
-    """sum_i weights[i] * cross_entropy(hidden[i] @ weight.T, targets[i]). On CUDA through
-    Liger-Kernel's fused linear cross-entropy: the [rows, vocab] logits are made a chunk at a time
-    and never kept (BENCHMARKS.md: half the time of the logits then the loss, 1/10 of the memory).
-    Its reduction "none" gives the per-token losses the weights multiply; its backward recomputes
-    each chunk's logits."""
-    flce = _liger_linear_cross_entropy() if hidden.is_cuda else None  # without Liger: chunked, recomputed
-    if flce is None or targets.numel() == 0:  # no targets (a zero-weight stand-in): a zero joined to the graph
-        return reference.linear_cross_entropy_sum(hidden, weight, targets, weights)
-    # (input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction)
-    per_token = flce.apply(hidden, weight, targets, None, None, -100, 0.0, 0.0, "none")[0]
-    return per_token.float() @ weights
+    """sum_i weights[i] * cross_entropy(hidden[i] @ weight.T, targets[i]), the [rows, vocab]
+    logits made a chunk at a time and never kept (autograd.LinearCrossEntropySum)."""
+    from medqa_loop.kernels.autograd import LinearCrossEntropySum
+
+    if targets.numel() == 0:  # no targets (a zero-weight stand-in): a zero joined to the graph
+        return hidden.sum() * 0
+    return LinearCrossEntropySum.apply(hidden, weight, targets, weights)

@@ -266,7 +266,6 @@ def fast_path_report(model, cfg, device) -> dict:
         "fused_rotary": sum(1 for m in model.modules() if getattr(getattr(m.forward, "__func__", None), "_medqa_fused_rotary", False)),
         "fused_loss_head": routed(_target_loss_forward),
         "fused_decoder_layers": routed(decoder.decoder_layer_forward),
-        "loss_head_kernel": "liger" if cuda and ops.liger_available() else "eager reference",
         "dequantized_linears": routed(_dequant_forward),
         "lora_linears": sum(1 for m in model.modules() if isinstance(m, LoraLayer)),
         "kernels": "triton" if cuda and ops.triton_available() else "eager reference",
@@ -279,7 +278,7 @@ def describe(report: dict) -> str:
         f"fused: {report['fused_lora_linears']} of {report['lora_linears']} LoRA linears, {report['fused_rmsnorms']} "
         f"RMSNorms, {report['fused_mlps']} MLPs, {report['fused_rotary']} rotary embeddings, with {report['kernels']} kernels; "
         f"{report.get('fused_decoder_layers', 0)} decoder layers as fused nodes; "
-        f"loss head over target positions: {report['fused_loss_head']} ({report['loss_head_kernel']})"
+        f"loss head over target positions: {report['fused_loss_head']}"
         if report["fused_ops"] else "fused ops off (transformers' and PEFT's modules)"
     )
     return (

@@ -16,6 +16,8 @@ check them.
   [batch, tokens, heads, head_dim] memory, as the attention's projections leave them), forward
   or backward, one program per token, fp32 inside. Reference: transformers'
   apply_rotary_pos_emb; within a rounding (it rounds each product and the sum).
+* ``cross_entropy_rows``: the loss head's cross-entropy, one program per row, fp32 inside,
+  the row's gradient written over its logits; within a rounding of the reference.
 * ``rmsnorm`` / ``rmsnorm_backward``: one program per token (row), fp32 inside.
   ``silu_mul`` / ``silu_mul_backward``: SwiGLU, fp32 inside; within a rounding of
   the output dtype of the reference (the row sums add in another order).
@@ -326,3 +328,45 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
         HALF=dim // 2, BH=triton.next_power_of_2(heads), BACKWARD=backward,
     )
     return out
+
+
+# -- the loss head's cross-entropy -------------------------------------------------------------
+
+
+@triton.jit
+def _cross_entropy_kernel(logits_ptr, stride, targets_ptr, weights_ptr, loss_ptr, cols,
+                          GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per row: loss = logsumexp(x) - x[target] in fp32, the row read once for an
+    # online max and sum; with GRAD the row is then overwritten with its gradient
+    # weight * (softmax(x) - onehot(target)), in the logits' dtype.
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * stride
+    target = tl.load(targets_ptr + row)
+    m = float("-inf")
+    total = 0.0
+    for start in range(0, cols, BLOCK):
+        c = start + tl.arange(0, BLOCK)
+        x = tl.load(base + c, mask=c < cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        total = total * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(total)
+    tl.store(loss_ptr + row, lse - tl.load(base + target).to(tl.float32))
+    if GRAD:
+        w = tl.load(weights_ptr + row).to(tl.float32)
+        for start in range(0, cols, BLOCK):
+            c = start + tl.arange(0, BLOCK)
+            x = tl.load(base + c, mask=c < cols, other=0.0).to(tl.float32)
+            g = (tl.exp(x - lse) - (c == target).to(tl.float32)) * w
+            tl.store(base + c, g.to(logits_ptr.dtype.element_ty), mask=c < cols)
+
+
+def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, grad: bool) -> torch.Tensor:
+    rows, cols = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    block = min(32768, triton.next_power_of_2(cols))
+    _cross_entropy_kernel[(rows,)](
+        logits, logits.stride(0), targets, weights, loss, cols, GRAD=grad, BLOCK=block,
+        num_warps=32 if block >= 16384 else 8,
+    )
+    return loss

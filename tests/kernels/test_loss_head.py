@@ -36,18 +36,27 @@ def test_collate_carries_the_targets_of_packed_and_padded_batches():
     assert zero_weight_batch(exs[0], lambda e: collate(e, pad_id=2), "cpu")["target_positions"].numel() == 0
 
 
-def test_reference_head_is_weighted_cross_entropy_of_the_logits(monkeypatch):
-    monkeypatch.setattr(reference, "HEAD_CHUNK", 4)  # two chunks, the last one short
+def test_the_chunked_head_is_weighted_cross_entropy_with_its_exact_gradient(monkeypatch):
+    """LinearCrossEntropySum, on the CPU's reference cross-entropy: the weighted sum of each row's
+    cross-entropy, and the gradient it makes in the forward (chunk by chunk, scaled in backward)
+    is the exact derivative (gradcheck, float64, two chunks, the last one short)."""
+    from torch.autograd import gradcheck
+
+    from medqa_loop.kernels.autograd import LinearCrossEntropySum
+
+    monkeypatch.setattr(LinearCrossEntropySum, "CHUNK", 4)
     gen = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(9, 4, generator=gen, dtype=torch.float64)
     targets, weights = torch.randint(0, 9, (6,), generator=gen), torch.rand(6, generator=gen, dtype=torch.float64)
+    weights[2] = 0.0
     want = sum(w * -torch.log_softmax(hidden[i] @ weight.T, -1)[t] for i, (t, w) in enumerate(zip(targets, weights)))
-    hidden.requires_grad_()
-    got = ops.linear_cross_entropy_sum(hidden, weight, targets, weights)  # the CPU: the reference
+    got = ops.linear_cross_entropy_sum(hidden, weight, targets, weights)
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
-    (grad,) = torch.autograd.grad(got, hidden)  # through the recomputed chunks
-    (want_grad,) = torch.autograd.grad(reference._head_chunk(hidden, weight, targets, weights), hidden)
-    assert torch.allclose(grad, want_grad, rtol=0, atol=1e-12)
+    assert got.item() == pytest.approx(reference.linear_cross_entropy_sum(hidden, weight, targets, weights).item(), rel=1e-12)
+    hidden.requires_grad_()
+    assert gradcheck(lambda h: ops.linear_cross_entropy_sum(h * 2.5, weight, targets, weights), (hidden,))
+    (grad,) = torch.autograd.grad(ops.linear_cross_entropy_sum(hidden, weight, targets, weights), hidden)
+    assert torch.all(grad[2] == 0)  # weight 0: no gradient
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +99,11 @@ def test_fused_head_computes_no_logit_of_a_prompt_position(fused_tiny):
     assert targets < tokens  # the prompts are not targets
     with OpLog() as log:
         model_loss_sum(model, batch).backward()
-    head = [s for s in log.matmul_shapes() if s[1] == (hidden_size, vocab)]
-    # The head's matmul, in forward and again in backward's recompute: over the target rows only.
-    assert head == [((targets, hidden_size), (hidden_size, vocab))] * 2
+    shapes = log.matmul_shapes()
+    # The head's two matmuls, over the target rows only and once each: the logits, then (their
+    # gradient, made in place) back to the hidden states' gradient, both in the forward.
+    assert [s for s in shapes if s[1] == (hidden_size, vocab)] == [((targets, hidden_size), (hidden_size, vocab))]
+    assert [s for s in shapes if s[1] == (vocab, hidden_size)] == [((targets, vocab), (vocab, hidden_size))]
     model.zero_grad(set_to_none=True)
 
 
@@ -108,14 +119,18 @@ def test_zero_weight_batch_gives_zero_loss_and_gradient_through_the_fused_head(f
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not ops.liger_available(), reason="liger-kernel is not installed")
-def test_liger_head_on_cuda_equals_the_reference():
+def test_the_triton_head_on_cuda_equals_the_reference():
+    """bf16 logits made a chunk at a time, the Triton cross-entropy, the gradient written in the
+    forward: the fp32 reference's loss and gradient, within bf16's rounding; no host sync."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     hidden = torch.randn(3000, 256, device="cuda", generator=gen).bfloat16().requires_grad_()
     weight = (torch.randn(5000, 256, device="cuda", generator=gen) / 16).bfloat16()
     targets = torch.randint(0, 5000, (3000,), device="cuda", generator=gen)
     weights = torch.rand(3000, device="cuda", generator=gen)
     weights[::7] = 0.0
+    torch.cuda.synchronize()
+    with torch.cuda.graphs.graph(torch.cuda.CUDAGraph()):  # capture fails on any host read
+        ops.linear_cross_entropy_sum(hidden.detach(), weight, targets, weights)
     got = ops.linear_cross_entropy_sum(hidden, weight, targets, weights)
     (got_grad,) = torch.autograd.grad(got, hidden)
     want = reference.linear_cross_entropy_sum(hidden.float(), weight.float(), targets, weights)
