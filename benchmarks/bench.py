@@ -43,6 +43,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # LoRA/norm/SwiGLU ops, a window's 16 pairs packed into one row with varlen FlashAttention,
     # activation checkpointing as the memory plan chooses (model.gradient_checkpointing: auto).
     "medqa_loop": ("int8", []),
+    # The defaults planned for a 16 GB GPU (model.memory_limit_gb): the memory plan checkpoints
+    # the layers it must for the data's largest micro-batch to fit 16 GB less its 10% margin.
+    "medqa_loop_16gb": ("int8", ["model.memory_limit_gb=16"]),
     # The same with every layer checkpointed (the defaults before the memory plan; ~13 GB).
     "medqa_loop_checkpoint_all": ("int8", ["model.gradient_checkpointing=true"]),
     # Length-grouped dynamic padding instead of packing (4 pairs a micro-batch x GA 4).
