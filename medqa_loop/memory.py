@@ -25,16 +25,16 @@ from medqa_loop.config import LORA_TARGETS
 
 # (checkpointed layers of 32, tokens of the largest micro-batch, peak GB): Mistral-7B shapes
 # (MistralConfig()), int8 base dequantized per matmul, bf16, LoRA r16 on all 7 projections,
-# fused ops (the loss head over target positions through Liger-Kernel), varlen attention, 16
-# pairs a window; `python benchmarks/sweep.py --out OUT --tokens 2048,4096,8192
-# --checkpoint-layers 24,16,8 --tokens-nogc 1024,2048,4096,8192 --windows 2` on an H200,
-# 2026-12-01 (BENCHMARKS.md, "Issue 17, first session").
+# fused ops (each decoder layer as the fused nodes of kernels/decoder.py, the loss head over
+# target positions), varlen attention, 16 pairs a window; `python benchmarks/sweep.py --out OUT
+# --tokens 2048,4096,8192 --checkpoint-layers 24,16,8 --tokens-nogc 1024,2048,4096,8192
+# --windows 2` on an H200, 2026-12-01 (BENCHMARKS.md, "Issue 17, second session").
 FIGURES: list[tuple[int, int, float]] = [
-    (32, 2048, 9.26), (32, 4091, 10.03), (32, 7914, 11.78),
-    (24, 2048, 11.16), (24, 4091, 13.77), (24, 7914, 19.09),
-    (16, 2048, 13.33), (16, 4091, 18.10), (16, 7914, 27.44),
-    (8, 2048, 15.51), (8, 4091, 22.43), (8, 7914, 35.78),
-    (0, 1023, 13.07), (0, 2048, 17.68), (0, 4091, 26.74), (0, 7914, 44.07),
+    (32, 2048, 9.28), (32, 4091, 10.07), (32, 7914, 11.74),
+    (24, 2048, 10.53), (24, 4091, 12.51), (24, 7914, 16.55),
+    (16, 2048, 11.97), (16, 4091, 15.37), (16, 7914, 22.04),
+    (8, 2048, 13.41), (8, 4091, 18.22), (8, 7914, 27.53),
+    (0, 1023, 11.65), (0, 2048, 14.84), (0, 4091, 21.05), (0, 7914, 32.95),
 ]
 FITTED_ON = {"layers": 32, "hidden_size": 4096, "intermediate_size": 14336}
 MARGIN = 0.10  # of the free memory, left unplanned: fragmentation, evaluation, a longer row

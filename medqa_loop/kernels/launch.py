@@ -34,6 +34,11 @@ def _kind(arg):
     return "v", arg
 
 
+def _active(hook) -> bool:
+    """Whether a Triton launch hook is set: None or an empty HookChain (Triton 3.6) is not."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class FastLaunch:
     """``fast_launch(kernel)[grid](*args, **kwargs)``: the same launch as ``kernel[grid](...)``
     (a ``triton.jit`` function or a ``triton.autotune`` of one; constexprs by keyword)."""
@@ -54,7 +59,7 @@ class FastLaunch:
         import triton
 
         runtime = triton.knobs.runtime
-        if not self.enabled or runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None:
+        if not self.enabled or _active(runtime.launch_enter_hook) or _active(runtime.launch_exit_hook):
             return self.fn[grid](*args, **kwargs)
         named = dict(zip(self.names, args))
         key = (

@@ -53,7 +53,10 @@ def test_on_cuda_a_swap_that_finds_nothing_is_an_error_that_says_how_to_fall_bac
 def test_a_missing_triton_module_is_an_error_on_cuda(tiny_cfg, monkeypatch):
     """Faked: the kernel module does not import. ops then falls back to the reference with a
     warning, and on CUDA the check refuses to go on."""
+    import medqa_loop.kernels
+
     monkeypatch.setitem(sys.modules, "medqa_loop.kernels.triton_ops", None)  # import raises ImportError
+    monkeypatch.delattr(medqa_loop.kernels, "triton_ops", raising=False)  # imported already (on a GPU)
     ops._triton.cache_clear()
     try:
         with pytest.warns(UserWarning, match="Triton is unavailable"):
