@@ -2,7 +2,7 @@
 eager ops they replace, at the shapes of Mistral-7B over a 16-pair window (~7.5k tokens),
 forward alone and forward + backward.
 
-  python benchmarks/liger_bench.py [--tokens 7500] [--out benchmarks/liger_results.jsonl]
+  python benchmarks/liger_bench.py [--tokens 7500] [--out benchmarks/liger_results.jsonl] [--head-only]
   python benchmarks/liger_bench.py --cpu-check
 
 What is compared (T tokens, bf16; gradients for the activations only: LoRA freezes the norm
@@ -550,6 +550,7 @@ def main() -> None:
     p.add_argument(
         "--cpu-check", action="store_true", help="the loss head's indexing, on the CPU"
     )
+    p.add_argument("--head-only", action="store_true", help="only the loss head's comparison")
     a = p.parse_args()
     if a.cpu_check:
         sys.exit(cpu_check())
@@ -559,7 +560,7 @@ def main() -> None:
         return
     bench = Bench(rows, time.monotonic() + a.budget_s)
     liger = load_liger(rows)
-    for op, cases in (
+    for op, cases in () if a.head_only else (
         (f"rmsnorm [{t},{HIDDEN}]", rmsnorm_cases),
         (f"silu_mul [{t},{INTERMEDIATE}]", silu_mul_cases),
         (
