@@ -44,9 +44,11 @@ class FastLaunch:
     (a ``triton.jit`` function or a ``triton.autotune`` of one; constexprs by keyword)."""
 
     def __init__(self, fn):
+        from triton.runtime.autotuner import Autotuner
+
         self.fn = fn
-        self.jit = getattr(fn, "fn", fn)  # an Autotuner wraps the JITFunction
-        self.tuned = self.jit is not fn
+        self.tuned = isinstance(fn, Autotuner)
+        self.jit = fn.fn if self.tuned else fn  # an Autotuner wraps the JITFunction
         self.names = list(getattr(self.jit, "arg_names", ()))
         self.tune_keys = list(getattr(fn, "keys", ())) if self.tuned else []
         self.kernels: dict = {}

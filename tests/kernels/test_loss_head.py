@@ -128,6 +128,7 @@ def test_the_triton_head_on_cuda_equals_the_reference():
     targets = torch.randint(0, 5000, (3000,), device="cuda", generator=gen)
     weights = torch.rand(3000, device="cuda", generator=gen)
     weights[::7] = 0.0
+    ops.linear_cross_entropy_sum(hidden.detach(), weight, targets, weights)  # compile before capturing
     torch.cuda.synchronize()
     with torch.cuda.graphs.graph(torch.cuda.CUDAGraph()):  # capture fails on any host read
         ops.linear_cross_entropy_sum(hidden.detach(), weight, targets, weights)
