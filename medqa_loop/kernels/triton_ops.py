@@ -34,8 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-from medqa_loop.kernels.launch import fast_launch
-
 _BLOCK = 2048
 
 
@@ -51,7 +49,6 @@ def _keep(index, lo, hi, threshold):
 
 # The keys and threshold change every call: not specializing on their values keeps one
 # compiled kernel (they stay below 2**31, so their type does not change either).
-@fast_launch
 @triton.jit(do_not_specialize=["lo", "hi", "threshold"])
 def _dropped_kernel(x_ptr, out_ptr, n, lo, hi, threshold, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -63,7 +60,6 @@ def _dropped_kernel(x_ptr, out_ptr, n, lo, hi, threshold, BLOCK: tl.constexpr):
 # The token count changes every window: Triton would compile again whenever it changes class
 # (divisible by 16 or not), mid-run, so it is not specialized on either. The tile shape is
 # timed once per (width, rank) on the first call (the kernel only writes its output: safe to rerun).
-@fast_launch
 @triton.autotune(
     configs=[
         triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=st)
@@ -90,7 +86,6 @@ def _dropped_linear_kernel(x_ptr, a_ptr, out_ptr, rows, cols, rank, lo, hi, thre
     tl.store(out_ptr + m[:, None] * rank + r[None, :], out, mask=(m < rows)[:, None] & (r < rank)[None, :])
 
 
-@fast_launch
 @triton.jit(do_not_specialize=["rows", "lo", "hi", "threshold"])
 def _dropped_grad_kernel(g_ptr, x_ptr, out_ptr, rows, cols, rank, rows_per_split, lo, hi, threshold,
                          R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
@@ -113,7 +108,6 @@ def _dropped_grad_kernel(g_ptr, x_ptr, out_ptr, rows, cols, rank, rows_per_split
     tl.store(out_ptr + at, acc, mask=(r < rank)[:, None] & (n < cols)[None, :])
 
 
-@fast_launch
 @triton.jit(do_not_specialize=["rows", "lo", "hi", "threshold"])
 def _dropped_product_kernel(g_ptr, a_ptr, out_ptr, rows, cols, rank, lo, hi, threshold,
                             R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
@@ -130,7 +124,6 @@ def _dropped_product_kernel(g_ptr, a_ptr, out_ptr, rows, cols, rank, lo, hi, thr
              mask=(m < rows)[:, None] & (n < cols)[None, :])
 
 
-@fast_launch
 @triton.jit
 def _dequantize_kernel(cb_ptr, scb_ptr, out_ptr, rows, cols, BM: tl.constexpr, BN: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
@@ -207,7 +200,6 @@ def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch
 # -- RMSNorm and SwiGLU ----------------------------------------------
 
 
-@fast_launch
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, cols, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -222,7 +214,6 @@ def _rmsnorm_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, cols, eps, BLOCK: tl.constexp
     tl.store(rstd_ptr + row, rstd)
 
 
-@fast_launch
 @triton.jit
 def _rmsnorm_backward_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -236,7 +227,6 @@ def _rmsnorm_backward_kernel(x_ptr, w_ptr, rstd_ptr, dy_ptr, dx_ptr, cols, BLOCK
     tl.store(dx_ptr + row * cols + c, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
 
-@fast_launch
 @triton.jit
 def _silu_mul_kernel(gate_ptr, up_ptr, h_ptr, n, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -248,7 +238,6 @@ def _silu_mul_kernel(gate_ptr, up_ptr, h_ptr, n, BLOCK: tl.constexpr):
     tl.store(h_ptr + index, h, mask=inside)
 
 
-@fast_launch
 @triton.jit
 def _silu_mul_backward_kernel(gate_ptr, up_ptr, dh_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -303,7 +292,6 @@ def silu_mul_backward(gate, up, grad_h) -> tuple[torch.Tensor, torch.Tensor]:
 # -- rotary position embedding -------------------------------------------------------------------
 
 
-@fast_launch
 @triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, HALF: tl.constexpr, BH: tl.constexpr,
                    BACKWARD: tl.constexpr):
@@ -345,7 +333,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
 # -- the loss head's cross-entropy -------------------------------------------------------------
 
 
-@fast_launch
 @triton.jit
 def _cross_entropy_kernel(logits_ptr, stride, targets_ptr, weights_ptr, loss_ptr, cols,
                           GRAD: tl.constexpr, BLOCK: tl.constexpr):
