@@ -9,7 +9,7 @@ import torch
 from torch.autograd import gradcheck
 
 from conftest import OpLog, rel
-from medqa_loop.batching import collate
+from medqa_loop.batching import collate, to_device
 from medqa_loop.kernels import ops, patch, reference
 from medqa_loop.kernels.autograd import BaseAfterLora, LoraLinear, RMSNormFn, RotaryFn, SiluMul
 from medqa_loop.kernels.patch import use_fused_ops
@@ -136,7 +136,8 @@ def swapped(model, fn):
 def batches(parts):
     exs = parts.train_examples[:3]
     pad = parts.tokenizer.pad_token_id
-    return {"packed": collate(exs, pad_id=pad, packed=True), "padded": collate(exs, pad_id=pad)}
+    device = parts.accelerator.device  # the GPU on a GPU machine
+    return {"packed": to_device(collate(exs, pad_id=pad, packed=True), device), "padded": to_device(collate(exs, pad_id=pad), device)}
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import OpLog, rel
-from medqa_loop.batching import collate, zero_weight_batch
+from medqa_loop.batching import collate, to_device, zero_weight_batch
 from medqa_loop.kernels import ops, patch, reference
 from medqa_loop.losses import shifted_targets, weighted_loss_sum
 from medqa_loop.model import model_logits, model_loss_sum
@@ -78,7 +78,8 @@ def fused_tiny(tmp_path_factory):
 def test_fused_head_loss_and_gradients_equal_the_logits_path(fused_tiny, packed):
     model = fused_tiny.model.train()
     assert patch.uses_target_loss(model)
-    batch = collate(fused_tiny.train_examples[:3], pad_id=fused_tiny.tokenizer.pad_token_id, packed=packed)
+    batch = to_device(collate(fused_tiny.train_examples[:3], pad_id=fused_tiny.tokenizer.pad_token_id, packed=packed),
+                      fused_tiny.accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     torch.manual_seed(0)  # the same LoRA dropout seeds for both
     got = model_loss_sum(model, batch)
@@ -93,7 +94,8 @@ def test_fused_head_loss_and_gradients_equal_the_logits_path(fused_tiny, packed)
 
 def test_fused_head_computes_no_logit_of_a_prompt_position(fused_tiny):
     model = fused_tiny.model.train()
-    batch = collate(fused_tiny.train_examples[:3], pad_id=fused_tiny.tokenizer.pad_token_id, packed=True)
+    batch = to_device(collate(fused_tiny.train_examples[:3], pad_id=fused_tiny.tokenizer.pad_token_id, packed=True),
+                      fused_tiny.accelerator.device)
     hidden_size, vocab = model.config.hidden_size, model.config.vocab_size
     tokens, targets = batch["input_ids"].numel(), batch["targets"].numel()
     assert targets < tokens  # the prompts are not targets
@@ -110,7 +112,8 @@ def test_fused_head_computes_no_logit_of_a_prompt_position(fused_tiny):
 def test_zero_weight_batch_gives_zero_loss_and_gradient_through_the_fused_head(fused_tiny):
     model = fused_tiny.model.train()
     pad = fused_tiny.tokenizer.pad_token_id
-    batch = zero_weight_batch(fused_tiny.train_examples[0], lambda e: collate(e, pad_id=pad, packed=True), "cpu")
+    batch = zero_weight_batch(fused_tiny.train_examples[0], lambda e: collate(e, pad_id=pad, packed=True),
+                              fused_tiny.accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     loss = model_loss_sum(model, batch)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
