@@ -42,11 +42,17 @@ def loss_and_grads(model, batch, seed=5):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("gc", [False, True], ids=["no-checkpointing", "checkpointed"])
-def test_fused_layers_equal_the_per_module_path_with_dropout(tiny_cfg, tmp_path, gc):
+@pytest.mark.parametrize(("gc", "targets"), [
+    (False, "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"),
+    (True, "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"),
+    (False, "[q_proj,v_proj]"),  # the other five: frozen linears inside the fused nodes
+], ids=["no-checkpointing", "checkpointed", "lora-on-q-and-v"])
+def test_fused_layers_equal_the_per_module_path_with_dropout(tiny_cfg, tmp_path, gc, targets):
     """The same kernels and the same dropout seeds, drawn in the same order: the same loss and
-    LoRA gradients, in fp32 to rounding, with and without activation checkpointing."""
-    parts = build(tiny_cfg, tmp_path, "m", "lora.dropout=0.2", f"model.gradient_checkpointing={gc}")
+    LoRA gradients, in fp32 to rounding, with and without activation checkpointing, with LoRA
+    on every projection or on a few."""
+    parts = build(tiny_cfg, tmp_path, "m", "lora.dropout=0.2", f"model.gradient_checkpointing={gc}",
+                  f"lora.target_modules={targets}")
     model, batch = parts.model, packed(parts)
     calls = []
     layer0 = decoder_layers(model)[0]
@@ -65,7 +71,7 @@ def test_fused_layers_equal_the_per_module_path_with_dropout(tiny_cfg, tmp_path,
         h.remove()
     assert layer0.forward.__func__ is decoder.decoder_layer_forward
     assert rel(got_loss, want_loss) < 1e-6
-    assert len(want) == 28
+    assert len(want) == 4 * targets.count("_proj")  # A and B, 2 layers
     for name in want:
         assert want[name].norm() > 0 and rel(got[name], want[name]) < 1e-5, name
     # and the seed matters: another draw of the dropout masks, another loss
