@@ -22,8 +22,10 @@ wrapping uint32: the same bits, checked by a test.
 **int8 dequantization.** W = CB * SCB/127 in the activation dtype, computed in at least fp32 and
 rounded once, as bitsandbytes dequantizes.
 
-**The loss head** over the target positions: the weighted sum of cross-entropies of
-hidden @ W.T, with the logits in fp32 (Liger's fused linear cross-entropy is its CUDA twin).
+**The loss head** over the target positions: ``cross_entropy_rows``, each row's cross-entropy
+in fp32 and its weighted gradient written over its logits (what the Triton kernel does, and what
+``autograd.LinearCrossEntropySum`` runs on the CPU); ``linear_cross_entropy_sum``, the same sum
+written plainly, with autograd's own backward, for the tests.
 
 **RMSNorm and SwiGLU**, forward and backward, in fp32 inside (fp64 stays fp64: the gradient
 checks run in it), rounding once to the input's dtype.
