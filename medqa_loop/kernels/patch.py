@@ -140,9 +140,10 @@ def projection_args(module, draw: bool = True) -> tuple | None:
 
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT LoRA layer forward through LoraLinear, when it is the plain single-adapter case."""
-    if args or kwargs or _plain_adapter(self) is None:
+    projection = None if args or kwargs else projection_args(self)  # None: not the plain case
+    if projection is None:
         return type(self).forward(self, x, *args, **kwargs)
-    w, scb, bias, *lora = projection_args(self)
+    w, scb, bias, *lora = projection
     if getattr(self, "_medqa_base_last", False):  # the layer's last projection: see BaseAfterLora
         return BaseAfterLora.apply(x, w, scb, LoraLinear.apply(x, w, scb, bias, *lora, False))
     return LoraLinear.apply(x, w, scb, bias, *lora)
