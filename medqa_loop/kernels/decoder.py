@@ -28,11 +28,10 @@ import sys
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
 from medqa_loop.kernels import ops
-from medqa_loop.kernels.autograd import BaseAfterLora, DequantLinear, LoraLinear, NormedProjections, NormedSwiGLU
+from medqa_loop.kernels.autograd import BaseAfterLora, NormedProjections, NormedSwiGLU, RotaryFn
 
 # The layers whose forward is exactly "pre-norm attention, residual, pre-norm SiLU MLP, residual"
 # with these children; other architectures (extra norms, q/k norms, fused or sparse projections)
@@ -75,16 +74,6 @@ def _hooked(modules) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules)
 
 
-def _project(x, args) -> torch.Tensor:
-    """One projection (8 arguments, as autograd.PROJECTION_ARGS) outside the fused nodes: o_proj."""
-    w, scb, bias, lora_a = args[:4]
-    if lora_a is not None:
-        return LoraLinear.apply(x, *args)
-    if scb is not None:
-        return DequantLinear.apply(x, w, scb, bias)
-    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
-
-
 def _checkpoints_in_call() -> bool:
     """Whether transformers checkpoints a layer in ``GradientCheckpointingLayer.__call__``, around
     whatever forward the instance has (5.17); later releases wrap the class's ``forward``
@@ -118,10 +107,12 @@ def decoder_layer_forward(self, hidden_states, *args, **kwargs):
 def _fused_forward(self, hidden_states, **kwargs):
     from medqa_loop.kernels.patch import projection_args
 
-    # The dropout seeds, drawn in the stock forward's order (q, k, v, o, gate, up, down); a
-    # checkpointed layer's recompute restores the RNG state and draws them again.
-    q, k, v, o, gate, up, down = [projection_args(m) for m in _projection_modules(self)]
-    attn, ln1, ln2 = self.self_attn, self.input_layernorm, self.post_attention_layernorm
+    # The dropout seeds are drawn in the stock forward's order: q, k, v here, o by its own routed
+    # forward below, then gate, up, down. A checkpointed layer's recompute restores the RNG
+    # state and draws them again.
+    attn, mlp, ln1, ln2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+    modeling = sys.modules[type(attn).__module__]
+    q, k, v = [projection_args(getattr(attn, n)) for n in _ATTENTION]
     attention_mask = kwargs.pop("attention_mask", None)
     cos, sin = kwargs.pop("position_embeddings")
     kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
@@ -133,19 +124,19 @@ def _fused_forward(self, hidden_states, **kwargs):
     q, k, v = (t.view(heads).transpose(1, 2) for t in NormedProjections.apply(
         hidden_states, ln1.weight, ln1.variance_epsilon, *q, *k, *v))
     if ops.rotary_covers(q, k, cos, sin):
-        from medqa_loop.kernels.autograd import RotaryFn
-
         q, k = RotaryFn.apply(q, k, cos, sin)
     else:
-        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, cos, sin)
-    modeling = sys.modules[type(attn).__module__]
+        q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
     attention = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, modeling.eager_attention_forward)
     out, _ = attention(
         attn, q, k, v, attention_mask,
         dropout=attn.attention_dropout if attn.training else 0.0, scaling=attn.scaling,
         sliding_window=getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None)), **kwargs,
     )
-    hidden_states = hidden_states + _project(out.reshape(*shape, -1).contiguous(), o)
+    # o_proj's own forward: patch's routing (LoraLinear, DequantLinear or a plain Linear), which
+    # the checks above found plain and unhooked
+    hidden_states = hidden_states + attn.o_proj(out.reshape(*shape, -1).contiguous())
 
+    gate, up, down = [projection_args(getattr(mlp, n)) for n in _MLP]
     h, down_lora = NormedSwiGLU.apply(hidden_states, ln2.weight, ln2.variance_epsilon, *gate, *up, *down)
     return hidden_states + BaseAfterLora.apply(h, down[0], down[1], down_lora)
