@@ -116,24 +116,32 @@ def memory_model(config, lora_r: int, lora_targets: list[str], load_in_8bit: boo
 
 
 
-def choose(model: MemoryModel, tokens: int, free_gb: float, margin: float = MARGIN) -> Plan:
-    """The plan that checkpoints the fewest layers and fits ``free_gb`` less the margin; raises
-    MemoryPlanError with the numbers when even checkpointing every layer does not fit."""
-    budget = free_gb * (1 - margin)
+def choose(model: MemoryModel, tokens: int, free_gb: float, margin: float = MARGIN, limit_gb: float | None = None) -> Plan:
+    """The plan that checkpoints the fewest layers and fits ``free_gb`` (or ``limit_gb``,
+    ``model.memory_limit_gb``, where that is less) less the margin; raises MemoryPlanError with
+    the numbers when even checkpointing every layer does not fit."""
+    limited = limit_gb is not None and limit_gb < free_gb
+    usable = limit_gb if limited else free_gb
+    budget = usable * (1 - margin)
     for layers in range(model.layers + 1):
         estimate = model.estimate_gb(tokens, layers)
         if estimate <= budget:
             what = "no layer" if layers == 0 else f"{layers} of {model.layers} layers"
+            available = f"{usable:.1f} GB by model.memory_limit_gb ({free_gb:.1f} GB free)" if limited else f"{free_gb:.1f} GB free"
             return Plan(
                 layers, estimate, budget, tokens,
                 f"memory plan: checkpoint {what} (estimated peak {estimate:.1f} GB for micro-batches of up to "
-                f"{tokens} tokens; {free_gb:.1f} GB free, {budget:.1f} GB planned with a {margin:.0%} margin)",
+                f"{tokens} tokens; {available}, {budget:.1f} GB planned with a {margin:.0%} margin)",
             )
     full = model.estimate_gb(tokens, model.layers)
+    available = (
+        f"{usable:.1f} GB are allowed by model.memory_limit_gb ({free_gb:.1f} GB free)" if limited
+        else f"{free_gb:.1f} GB are free"
+    )
     raise MemoryPlanError(
         f"the run does not fit this GPU: with every one of its {model.layers} layers checkpointed, micro-batches "
         f"of up to {tokens} tokens need about {full:.1f} GB ({model.weights_gb:.1f} GB of weights), and "
-        f"{free_gb:.1f} GB are free ({budget:.1f} GB with the {margin:.0%} margin). Lower data.pack_tokens "
+        f"{available} ({budget:.1f} GB with the {margin:.0%} margin). Lower data.pack_tokens "
         "(or train.micro_batch_size with padded batches), or data.max_length"
     )
 
@@ -178,10 +186,8 @@ def plan(cfg, model_config, examples: list[dict], device, world: int = 1) -> tup
     free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
     limit = cfg.model.memory_limit_gb
     if forced is None:
-        chosen = choose(model, tokens, free_gb if limit is None else min(free_gb, limit))
+        chosen = choose(model, tokens, free_gb, limit_gb=limit)
         layers, line = chosen.layers, chosen.reason
-        if limit is not None and limit < free_gb:
-            line = line.replace(" GB free,", f" GB by model.memory_limit_gb ({free_gb:.1f} GB free),", 1)
     else:
         layers, estimate = forced, model.estimate_gb(tokens, forced)
         line = (

@@ -34,6 +34,9 @@ def test_a_run_that_cannot_fit_fails_with_the_numbers():
     need = f"{SEVEN_B.estimate_gb(7914, 32):.1f}"  # 11.4: every layer checkpointed
     with pytest.raises(M.MemoryPlanError, match=rf"{need} GB .*10\.0 GB are free.*data.pack_tokens"):
         M.choose(SEVEN_B, 7914, free_gb=10.0)
+    # under model.memory_limit_gb the message names the limit, not only the free memory
+    with pytest.raises(M.MemoryPlanError, match=rf"{need} GB .*10\.0 GB are allowed by model.memory_limit_gb \(139\.0 GB free\)"):
+        M.choose(SEVEN_B, 7914, free_gb=139.0, limit_gb=10.0)
 
 
 @pytest.mark.parametrize("batching", ["pack", "pad"])
