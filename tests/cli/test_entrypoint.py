@@ -86,6 +86,10 @@ def ctrl_c_once_stepping(tmp_path):
             proc = subprocess.Popen(
                 command(*args, accelerate=accelerate), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=stderr,
                 env=subprocess_env(), start_new_session=True,
+                # SIGINT as an interactive shell leaves it for a command: a test run that is itself
+                # a background job of a script (SIGINT ignored there, and the ignoring inherited
+                # across exec) would otherwise start a launcher that never sees the Ctrl-C
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )
         groups.append(proc.pid)
         deadline = time.monotonic() + 180
