@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     _, _, command = COMMANDS[args.command]
     _quiet_libraries()
     from medqa_loop.checkpoint.state import Interrupted
+    from medqa_loop.checkpoint.writer import CheckpointWriteError
     from medqa_loop.loop import NonFiniteError
     from medqa_loop.model import ModelLoadError
 
@@ -237,8 +238,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"medqa {args.command}: stopped: {e}", file=sys.stderr)
         sys.exit(3)
     # The project's errors are ValueErrors (ConfigError, DataError, AdapterError, StateError,
-    # LaunchError, NonFiniteError...) or a ModelLoadError; each message names what is wrong.
-    except (ValueError, ModelLoadError) as e:
+    # LaunchError, NonFiniteError...), a ModelLoadError or a CheckpointWriteError; each message
+    # names what is wrong.
+    except (ValueError, ModelLoadError, CheckpointWriteError) as e:
         print(f"medqa {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:  # SIGTERM/SIGINT: a state was saved; exit as killed by it, cleanly

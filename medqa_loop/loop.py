@@ -22,6 +22,10 @@ One optimizer step = one accumulation window of ``grad_accum_steps`` micro-batch
   6. save a resumable training state when one is due; a SIGTERM/SIGINT received during the step
      stops the run here, after that save
 
+Adapters and states are copied to host memory where the loop saves them and written by a
+background thread (checkpoint.writer), so the GPU goes on with the next window; the loop waits
+for the files only where it reports them: a stop, and its end.
+
 We do not use ``accelerator.accumulate``: it decides when to sync from its own micro-step
 counter, which drifts from ours on a short last window. ``no_sync`` on all but the last
 micro-batch gives the same communication saving with no hidden state. Nor a prepared scheduler:
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -44,6 +48,7 @@ from medqa_loop.batching import (
 )
 from medqa_loop.checkpoint.adapter import save_adapter, save_best_adapter
 from medqa_loop.checkpoint.state import Interrupted, Position, StateSaver, rng_state
+from medqa_loop.checkpoint.writer import CheckpointWriter
 from medqa_loop.config import Config
 from medqa_loop.evaluation import Best, best_so_far, evaluate
 from medqa_loop.losses import target_tokens, target_weight
@@ -65,6 +70,7 @@ class Hooks:
     (module docstring), and only ``log`` is required."""
 
     log: MetricsLog  # a line per step and per evaluation
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)  # adapters, states: in the background
     sample_answers: Callable[[int], object] | None = None  # after each evaluation (generate.eval_sampler)
     states: StateSaver | None = None  # training states, and the stop on SIGTERM/SIGINT
     profiler: StepProfiler | None = None  # torch.profiler around train.profile_steps
@@ -200,7 +206,7 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                     problem = non_finite_message(step, loss, grad_norm, batches, found)
                     if t.nan_policy == "stop":
                         last_good = Position.after(step - 1, epoch, window_index, len(windows))
-                        saved = hooks.states.save(last_good, rng) if hooks.states is not None else None
+                        saved = hooks.states.save(last_good, hooks.writer, rng, wait=True) if hooks.states is not None else None
                         raise NonFiniteError(step, problem, saved)
                     skipped += 1
                     accelerator.print(f"warning: {problem}; its update was skipped ({skipped} so far, train.nan_policy=skip)")
@@ -233,7 +239,7 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                     last["eval_loss"] = run_eval(step, epoch + 1.0 if epoch_end else epoch_pos)
                     best = best.after(step, last["eval_loss"])
                     if best.step == step:
-                        save_best_adapter(accelerator, model, run.out, run.tokenizer, step, best.loss)
+                        save_best_adapter(accelerator, model, run.out, run.tokenizer, step, best.loss, hooks.writer)
                     stop_early = t.early_stopping_patience is not None and best.stale >= t.early_stopping_patience
                     if stop_early:
                         accelerator.print(
@@ -241,7 +247,7 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                             f"than {best.loss:.4f} (step {best.step}, in {run.out / 'best'})"
                         )
                 if epoch_end:
-                    save_adapter(accelerator, model, run.out / f"epoch-{epoch + 1}", run.tokenizer)
+                    save_adapter(accelerator, model, run.out / f"epoch-{epoch + 1}", run.tokenizer, hooks.writer)
 
                 # 6. a training state when due; a signal received during the step stops here
                 if hooks.profiler is not None:
@@ -250,7 +256,7 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                     position = Position.after(step, epoch, window_index + 1, len(windows))
                     signum = hooks.states.signal_received()
                     if signum or hooks.states.due(position, last=step >= total_steps or stop_early):
-                        saved = hooks.states.save(position)
+                        saved = hooks.states.save(position, hooks.writer, wait=bool(signum))
                         if signum:
                             raise Interrupted(signum, step, saved)
                 if hooks.profiler is not None:
@@ -259,7 +265,8 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                     break
             if step >= total_steps or stop_early:
                 break
-    save_adapter(accelerator, model, run.out / "final", run.tokenizer)
+    save_adapter(accelerator, model, run.out / "final", run.tokenizer, hooks.writer)
+    hooks.writer.wait()  # every adapter and state on disk before the run reports them
     return last
 
 

@@ -145,7 +145,7 @@ def prepare_run(
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    start = S.restore(resume_from, accelerator, model, out) if resume_from else Position()
+    start = S.restore(resume_from, accelerator, model, optimizer, out) if resume_from else Position()
     return PreparedRun(
         accelerator, tokenizer, model, optimizer, train_set.examples, val_set.examples,
         partial(collate, pad_id=tokenizer.pad_token_id, packed=cfg.data.batching == "pack"), out,
@@ -158,6 +158,7 @@ def run(
 ) -> dict:
     """Train as ``cfg`` says; return the last logged values."""
     from medqa_loop.checkpoint.state import StateSaver, examples_digest
+    from medqa_loop.checkpoint.writer import CheckpointWriter
     from medqa_loop.debug.profiling import StepProfiler
     from medqa_loop.debug.trace import build_debugger, load_pause_hooks
     from medqa_loop.generate import eval_sampler
@@ -173,10 +174,12 @@ def run(
     log = MetricsLog(p.out / "metrics.jsonl", enabled=p.accelerator.is_main_process, forward=forward)
     if p.start.step == 0:  # a resumed run's metrics.jsonl has it already
         log.write(step=0, **p.data_stats)
-    saver = StateSaver(cfg, p.accelerator, p.model, examples_digest(p.train_examples))
+    writer = CheckpointWriter()
+    saver = StateSaver(cfg, p.accelerator, p.model, p.optimizer, examples_digest(p.train_examples))
     rank = p.accelerator.process_index if p.accelerator.num_processes > 1 else None
     hooks = Hooks(
         log=log,
+        writer=writer,
         sample_answers=eval_sampler(cfg, p.accelerator, p.model, p.tokenizer, p.val_pairs, p.out / "samples.jsonl"),
         states=saver,
         profiler=StepProfiler(cfg.train.profile_steps, p.out / "profile", rank),

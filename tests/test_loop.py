@@ -99,8 +99,8 @@ def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg, monk
     parts = prepare_run(cfg)
     saved, save_adapter = [], loop.save_adapter
 
-    def recording_save(accelerator, model, out_dir, tokenizer=None):  # the loop saves its adapters itself
-        saved.append(save_adapter(accelerator, model, out_dir, tokenizer))
+    def recording_save(accelerator, model, out_dir, tokenizer=None, writer=None):  # the loop saves its adapters itself
+        saved.append(save_adapter(accelerator, model, out_dir, tokenizer, writer))
         return saved[-1]
 
     monkeypatch.setattr(loop, "save_adapter", recording_save)

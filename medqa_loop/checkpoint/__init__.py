@@ -5,4 +5,5 @@
   bundle.py    debug bundles (``debug/step-<n>/``): the state before a step, its window and
                gradients
   saved.py     the state before optimizer step N from any of the three, as replay reads it
+  writer.py    the thread that writes adapters and states while training goes on
 """

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from medqa_loop.checkpoint.writer import CheckpointWriter, host_copy
 from medqa_loop.config import Config, ModelConfig, load_config
 from medqa_loop.model import check_model_source, load_base, load_tokenizer
 
@@ -35,20 +36,34 @@ class AdapterError(ValueError):
     """The adapter directory is missing, incomplete, or does not fit the base. Names the paths."""
 
 
-def save_adapter(accelerator, model, out_dir: Path, tokenizer=None) -> Path:
-    """Save the LoRA weights (and the tokenizer, so the directory is usable on its own); the
-    main process writes, every process waits for it."""
+def adapter_weights(accelerator, model) -> dict[str, torch.Tensor]:
+    """A host copy of the LoRA weights as they are now (the trainable parameters, under the model's
+    state-dict names): what a write that happens later writes."""
+    return {name: host_copy(p) for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+def write_adapter(accelerator, model, weights: dict[str, torch.Tensor], out_dir: Path, tokenizer=None) -> None:
+    """Write ``weights`` (adapter_weights) as an adapter directory, through PEFT's own save."""
+    # The LoRA matrices only. PEFT's default ("auto") asks the hub for the base's config, to see
+    # whether the vocabulary was resized, and adds the frozen embedding or lm_head weights when
+    # one is a LoRA target; the project never resizes or trains them (no new tokens, no
+    # modules_to_save), so they are the base's own.
+    accelerator.unwrap_model(model).save_pretrained(
+        out_dir, state_dict=weights, safe_serialization=True, save_embedding_layers=False
+    )
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def save_adapter(accelerator, model, out_dir: Path, tokenizer=None, writer: CheckpointWriter | None = None) -> Path:
+    """Save the LoRA weights as they are now (and the tokenizer, so the directory is usable on its
+    own): the main process writes, through ``writer`` if given (in the background), else at once."""
     out_dir = Path(out_dir)
-    accelerator.wait_for_everyone()  # every rank finished the step whose weights we save
     if accelerator.is_main_process:
-        # The LoRA matrices only. PEFT's default ("auto") asks the hub for the base's config, to
-        # see whether the vocabulary was resized, and adds the frozen embedding or lm_head weights
-        # when one is a LoRA target; the project never resizes or trains them (no new tokens, no
-        # modules_to_save), so they are the base's own.
-        accelerator.unwrap_model(model).save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
-    accelerator.wait_for_everyone()
+        weights = adapter_weights(accelerator, model)
+        (writer or CheckpointWriter(background=False)).submit(
+            "the adapter", out_dir, lambda: write_adapter(accelerator, model, weights, out_dir, tokenizer)
+        )
     return out_dir
 
 
@@ -63,24 +78,30 @@ class AdapterSource:
 BEST = "best"
 
 
-def save_best_adapter(accelerator, model, out: Path, tokenizer, step: int, eval_loss: float) -> Path:
+def save_best_adapter(
+    accelerator, model, out: Path, tokenizer, step: int, eval_loss: float, writer: CheckpointWriter | None = None
+) -> Path:
     """``<out>/best/``: the adapter with the lowest eval loss so far, with ``best.json`` ({step,
     eval_loss}) inside. Written beside it and swapped in by renames, so best/ is always a whole
-    adapter: a crash between the two renames leaves it as ``.old-best``, put back by the next call."""
+    adapter: a crash between the two renames leaves it as ``.old-best``, put back by the next call.
+    Through ``writer`` like save_adapter."""
     best, tmp, old = out / BEST, out / f".tmp-{BEST}", out / f".old-{BEST}"
-    if accelerator.is_main_process:
+
+    def write(weights: dict[str, torch.Tensor]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.is_dir() and not best.exists():
             old.rename(best)
         shutil.rmtree(old, ignore_errors=True)
-    save_adapter(accelerator, model, tmp, tokenizer)  # waits for every process
-    if accelerator.is_main_process:
+        write_adapter(accelerator, model, weights, tmp, tokenizer)
         (tmp / "best.json").write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
         if best.exists():
             best.rename(old)
         tmp.rename(best)
         shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        weights = adapter_weights(accelerator, model)
+        (writer or CheckpointWriter(background=False)).submit("the best adapter", best, lambda: write(weights))
     return best
 
 

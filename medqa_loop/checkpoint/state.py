@@ -9,16 +9,20 @@ bitwise the run that was never stopped (on the CPU; some CUDA kernels are not de
 
 ``<output_dir>/state/step-<N>/`` holds:
 
-  adapter_model.safetensors, adapter_config.json   the LoRA weights (adapter.save_adapter)
-  optimizer.bin, random_states_<rank>.pkl          Accelerate's save_state, base weights left out
+  adapter_model.safetensors, adapter_config.json   the LoRA weights (adapter.write_adapter)
+  optimizer.bin                                    AdamW's state dict (torch.save)
+  random_states_<rank>.pkl                         each process's Python, numpy and torch RNGs
   trainer_state.json                               position, number of processes, data digest
   config.yaml                                      the config the run was going with
   manifest.json                                    size and sha256 of every file; written last
 
-It is written as ``state/.tmp-step-<N>``, fsynced, then renamed: a crash mid-save leaves a
-``.tmp`` directory that is never read, not half a state. A state whose manifest is missing or
-does not match its files, or whose pickles ``torch.load(weights_only=True)`` refuses, is
-refused, naming the file, and ``--resume auto`` takes the newest state that passes.
+optimizer.bin and random_states_<rank>.pkl are laid out as Accelerate's ``save_state`` writes
+them (it wrote the states of earlier versions, which load the same). A save copies all of it to
+host memory between two steps; a background thread (checkpoint.writer) writes it as
+``state/.tmp-step-<N>``, fsyncs it, then renames it: a crash mid-save leaves a ``.tmp``
+directory that is never read, not half a state. A state whose manifest is missing or does not
+match its files, or whose pickles ``torch.load(weights_only=True)`` refuses, is refused, naming
+the file, and ``--resume auto`` takes the newest state that passes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import re
 import shutil
 import signal
@@ -36,10 +41,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import yaml
 
-from medqa_loop.checkpoint.adapter import ADAPTER_WEIGHTS, save_adapter
+from medqa_loop.checkpoint.adapter import ADAPTER_WEIGHTS, adapter_weights, write_adapter
+from medqa_loop.checkpoint.writer import CheckpointWriter, host_copy
 from medqa_loop.config import Config, flatten
 
 STATE_DIR = "state"
@@ -101,6 +108,30 @@ def set_rng_state(rng: dict) -> None:
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def rng_file(rng: dict) -> dict:
+    """What random_states_<rank>.pkl holds, in Accelerate's layout: ``rng`` (rng_state()) and
+    Python's and numpy's generators as they are now."""
+    return {
+        "random_state": random.getstate(),
+        "numpy_random_seed": np.random.get_state(),
+        "torch_manual_seed": rng["cpu"],
+        "torch_cuda_manual_seed": rng["cuda"],
+    }
+
+
+def set_rngs(path: Path, rank: int) -> None:
+    """Put back the generators this process saved in the state at ``path``."""
+    from accelerate.utils import load  # torch.load(weights_only=True), numpy's types allowed
+
+    try:
+        rng = load(path / f"random_states_{rank}.pkl")
+        random.setstate(rng["random_state"])
+        np.random.set_state(rng["numpy_random_seed"])
+        set_rng_state({"cpu": rng["torch_manual_seed"], "cuda": rng.get("torch_cuda_manual_seed", [])})
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise StateError(f"training state {path}: its RNG states could not be restored ({e!r})") from None
 
 
 def step_of(path: Path) -> int:
@@ -267,16 +298,7 @@ def check_examples(path: Path, examples: list[dict], force: bool, say: Callable 
 # Restoring
 
 
-def _skip_model_weights(models: list, weights: list | None = None, *_) -> None:
-    """Accelerate (load/save)_state pre-hook: leave the model out. Its full state dict would be
-    the frozen 8-bit base too (7 GB for Mistral-7B); the LoRA weights travel as the adapter.
-    save_state has gathered the state dicts into ``weights`` before its hooks run: clear them too."""
-    models.clear()
-    if isinstance(weights, list):
-        weights.clear()
-
-
-def restore(path: Path, accelerator, model, output_dir: Path) -> Position:
+def restore(path: Path, accelerator, model, optimizer, output_dir: Path) -> Position:
     """Load a checked state into the prepared model and optimizer, restore every RNG of this
     process, and drop metrics lines of steps after it (the resumed run writes them again).
 
@@ -291,15 +313,9 @@ def restore(path: Path, accelerator, model, output_dir: Path) -> Position:
     unexpected = set_peft_model_state_dict(accelerator.unwrap_model(model), weights).unexpected_keys
     if unexpected:
         raise StateError(f"training state {path}: {ADAPTER_WEIGHTS} does not fit this model: {unexpected[:3]}")
-    handle = accelerator.register_load_state_pre_hook(_skip_model_weights)
-    try:
-        accelerator.load_state(str(path))  # the prepared optimizer, then the RNGs
-    finally:
-        handle.remove()
-    # Accelerate logs a failed RNG load at info level and goes on; dropout would then differ.
-    rng = load(path / f"random_states_{accelerator.process_index}.pkl")
-    if not torch.equal(torch.get_rng_state(), rng["torch_manual_seed"]):
-        raise StateError(f"training state {path}: its RNG states could not be restored")
+    # On the host, then onto each parameter's device by the optimizer itself.
+    optimizer.load_state_dict(load(path / "optimizer.bin", map_location="cpu"))
+    set_rngs(path, accelerator.process_index)
     position = Position(info["step"], info["epoch"], info["window"])
     if accelerator.is_main_process:
         for name in APPENDED:
@@ -331,11 +347,11 @@ def trim_after(path: Path, step: int) -> None:
 
 
 class StateSaver:
-    """Saves training states for the loop, and turns SIGTERM/SIGINT into "finish this window, save
-    a state, stop" (the loop asks ``signal_received`` after every step)."""
+    """Saves training states for the loop, and turns SIGTERM/SIGINT into "finish this window,
+    save a state, stop" (the loop asks ``signal_received`` after every step)."""
 
-    def __init__(self, cfg: Config, accelerator, model, examples_sha256: str):
-        self.cfg, self.accelerator, self.model = cfg, accelerator, model
+    def __init__(self, cfg: Config, accelerator, model, optimizer, examples_sha256: str):
+        self.cfg, self.accelerator, self.model, self.optimizer = cfg, accelerator, model, optimizer
         self.examples_sha256 = examples_sha256
         self.root = Path(cfg.output_dir) / STATE_DIR
         self.signum = 0
@@ -351,46 +367,52 @@ class StateSaver:
         every = self.cfg.train.save_every
         return last or position.window == 0 or (every is not None and position.step % every == 0)
 
-    def save(self, position: Position, rng: dict | None = None) -> Path:
-        """Save the state at ``position``; with ``rng`` (``rng_state()`` taken earlier), the RNGs
-        as they were then: the state of a step before the one that just ran (a non-finite one)."""
-        if rng is not None:
-            now = rng_state()
-            set_rng_state(rng)
-            try:
-                return self.save(position)
-            finally:
-                set_rng_state(now)
+    def save(self, position: Position, writer: CheckpointWriter, rng: dict | None = None, wait: bool = False) -> Path:
+        """Save the state at ``position``: copied now, written by ``writer`` (``wait``: on disk
+        before this returns). With ``rng`` (``rng_state()`` taken earlier), the torch RNGs as
+        they were then: the state of a step before the one that just ran (a non-finite one).
+        Every process calls it; the main one writes."""
+        from accelerate.utils import gather_object
+
         acc = self.accelerator
         final = self.root / f"step-{position.step}"
-        tmp = self.root / f".tmp-step-{position.step}"
+        rngs = gather_object([rng_file(rng or rng_state())])  # a collective: every process's, in rank order
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-            tmp.mkdir(parents=True)
-        save_adapter(acc, self.model, tmp)  # waits for every process first: tmp exists for all
-        handle = acc.register_save_state_pre_hook(_skip_model_weights)
-        try:
-            acc.save_state(str(tmp))  # optimizer (main process), RNGs (each process)
-        finally:
-            handle.remove()
-        if acc.is_main_process:
-            info = {
-                "format": FORMAT, "step": position.step, "epoch": position.epoch,
-                "window": position.window, "num_processes": acc.num_processes,
-                "examples_sha256": self.examples_sha256,
+            files = {
+                "adapter": adapter_weights(acc, self.model),
+                "optimizer": host_copy(self.optimizer.state_dict()),
+                "rngs": rngs,
+                TRAINER_STATE: json.dumps({
+                    "format": FORMAT, "step": position.step, "epoch": position.epoch,
+                    "window": position.window, "num_processes": acc.num_processes,
+                    "examples_sha256": self.examples_sha256,
+                }, indent=1),
+                "config.yaml": yaml.safe_dump(self.cfg.to_dict(), sort_keys=False),
             }
-            (tmp / TRAINER_STATE).write_text(json.dumps(info, indent=1))
-            (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        acc.wait_for_everyone()  # every process's RNG file is written
-        if acc.is_main_process:
-            self._write_manifest(tmp)
-            if final.exists():  # left by a run resumed from an older state
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync(self.root)
-            self._prune(position.step)
-        acc.wait_for_everyone()
+            what = f"the training state of step {position.step}"
+            writer.submit(what, final, lambda: self._write(files, position.step))
+            if wait:
+                writer.wait()
         return final
+
+    def _write(self, files: dict, step: int) -> None:
+        """Write what ``save`` copied: every file into ``.tmp-step-<step>``, the manifest last,
+        then rename it into place and prune the older states (on the writer's thread)."""
+        tmp, final = self.root / f".tmp-step-{step}", self.root / f"step-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+        tmp.mkdir(parents=True)
+        write_adapter(self.accelerator, self.model, files["adapter"], tmp)
+        torch.save(files["optimizer"], tmp / "optimizer.bin")
+        for rank, rng in enumerate(files["rngs"]):
+            torch.save(rng, tmp / f"random_states_{rank}.pkl")
+        for name in (TRAINER_STATE, "config.yaml"):
+            (tmp / name).write_text(files[name])
+        self._write_manifest(tmp)
+        if final.exists():  # left by a run resumed from an older state
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(self.root)
+        self._prune(step)
 
     @staticmethod
     def _write_manifest(tmp: Path) -> None:

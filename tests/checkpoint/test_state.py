@@ -115,14 +115,16 @@ def test_killed_again_and_again_then_resumed_is_bitwise_the_uninterrupted_run(re
     assert metrics(out) == ref_metrics[:5]  # data, sanity eval, steps 1-3
 
     # 2. Resumed (3 windows of epoch 1 skipped), then SIGKILL while step 6's state is written:
-    #    every file but the manifest is there, in a .tmp directory no resume reads.
+    #    every file but the manifest is there, in a .tmp directory no resume reads. The state is
+    #    written in the background, so the loop may have logged step 7 by then.
     killed = train(out, "--resume", "auto", fault=("KILL", "save", 6))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert f"resuming from {out / 'state' / 'step-3'}: step 3, epoch 1, 3 windows" in killed.stdout
     partial = out / "state" / ".tmp-step-6"
     assert (partial / "optimizer.bin").is_file() and not (partial / "manifest.json").exists()
     assert steps_of(out) == ["step-4", "step-3"]
-    assert metrics(out) == ref_metrics[:9]  # + step 4, its eval, steps 5-6
+    logged = metrics(out)
+    assert len(logged) >= 9 and logged == ref_metrics[: len(logged)]  # + step 4, its eval, steps 5-6
 
     # 3. The newest state (step 4) is then truncated on disk: --resume auto says so and takes
     #    step 3. SIGTERM in that run's 3rd micro-batch (step 5): it finishes step 5, saves, exits.
@@ -262,7 +264,7 @@ def test_a_state_saved_before_a_key_existed_compares_it_at_its_default(reference
         check_config(state, load_config(reference / "config.yaml", ["data.dedupe=true"]), 1, force=False)
 
 
-def test_restore_puts_back_weights_moments_and_rngs_and_catches_a_skipped_rng_load(reference, states):
+def test_restore_puts_back_weights_moments_and_rngs_and_refuses_an_rng_file_it_cannot_apply(reference, states):
     from accelerate.utils import load
     from peft import get_peft_model_state_dict
 
@@ -282,8 +284,8 @@ def test_restore_puts_back_weights_moments_and_rngs_and_catches_a_skipped_rng_lo
     assert all(torch.equal(moments[i]["exp_avg_sq"], restored[i]["exp_avg_sq"]) for i in moments)
     assert torch.equal(torch.get_rng_state(), load(state / "random_states_0.pkl")["torch_manual_seed"])
 
-    # Accelerate catches any error loading the RNG file and goes on (logged at info level); the
-    # run would then silently differ. A file it cannot apply, with a valid manifest, is refused.
+    # An RNG file that cannot be applied (here: Python's and numpy's generators missing), with a
+    # valid manifest, is refused: a run that went on would silently draw other dropout masks.
     torch.save({"torch_manual_seed": torch.manual_seed(99).get_state()}, state / "random_states_0.pkl")
     (state / "manifest.json").unlink()
     StateSaver._write_manifest(state)
@@ -377,12 +379,12 @@ def test_a_state_is_due_every_save_every_steps_at_epoch_ends_and_at_the_last_ste
 
     from medqa_loop.checkpoint.state import StateSaver
 
-    saver = StateSaver(tiny_cfg("train.save_every=3"), Accelerator(), None, "digest")
+    saver = StateSaver(tiny_cfg("train.save_every=3"), Accelerator(), None, None, "digest")
     assert saver.due(Position(3, 0, 3), last=False) and saver.due(Position(6, 1, 2), last=False)
     assert not saver.due(Position(5, 1, 1), last=False)
     assert saver.due(Position(5, 1, 1), last=True)  # train.max_steps reached
     assert saver.due(Position(4, 1, 0), last=False)  # the end of epoch 1
-    only_ends = StateSaver(tiny_cfg("train.save_every=null"), Accelerator(), None, "digest")
+    only_ends = StateSaver(tiny_cfg("train.save_every=null"), Accelerator(), None, None, "digest")
     assert not only_ends.due(Position(3, 0, 3), last=False) and only_ends.due(Position(12, 1, 0), last=False)
     assert saver.signal_received() == 0
     saver.signum = signal.SIGTERM  # what its handler records (stop_on_signals)
