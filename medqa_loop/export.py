@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from medqa_loop import hub
 from medqa_loop.checkpoint.adapter import adapter_tokenizer, check_adapter_fits, load_adapted_model, resolve_adapter
 from medqa_loop.config import DTYPE_NAMES
 
@@ -32,7 +31,6 @@ def export_merged(
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {dtype!r}")
     src = resolve_adapter(adapter, base, trust_remote_code)  # the base's own code: only if asked
-    hub.use_local_files_if_unreachable([src.base, src.run.model.tokenizer])
     out = Path(out).expanduser()
     if out.resolve() == src.path.resolve() or out.resolve() in src.path.resolve().parents:
         raise ValueError(f"--out {out} would overwrite the adapter {src.path}; pick another directory")

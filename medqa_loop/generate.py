@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 
-from medqa_loop import hub
 from medqa_loop.config import Config
 from medqa_loop.data import DataError, Pairs, check_text, encode_prompt
 from medqa_loop.metrics import MetricsLog
@@ -135,7 +134,6 @@ def answer_questions(
         if not q.strip():
             raise ValueError(f"question {i + 1} on the command line is empty")
     src = resolve_adapter(adapter, base, trust_remote_code)
-    hub.use_local_files_if_unreachable([src.base, src.run.model.tokenizer])
     questions = list(questions)
     if file:
         questions += read_questions(file, question_column or src.run.data.question_column)

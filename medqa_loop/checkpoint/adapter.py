@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from medqa_loop import hub
 from medqa_loop.checkpoint.writer import CheckpointWriter, host_copy
 from medqa_loop.config import Config, ModelConfig, load_config
 from medqa_loop.model import check_model_source, load_base, load_tokenizer
@@ -109,7 +110,8 @@ def resolve_adapter(path: str | Path, base: str | None = None, trust_remote_code
     """Check the directory and work out its base: ``base`` if given; else the random-init base
     the run built (``<run>/base``); else the base named in ``adapter_config.json``. The base's
     repository code runs only with ``trust_remote_code`` (--trust-remote-code), whatever the
-    run's config.yaml says."""
+    run's config.yaml says. A base or tokenizer named on a hub that does not answer will load from
+    local files (hub.use_local_files_if_unreachable)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise AdapterError(f"adapter directory not found: {path}")
@@ -133,6 +135,7 @@ def resolve_adapter(path: str | Path, base: str | None = None, trust_remote_code
             base = recorded
         else:
             raise AdapterError(f"{path}/adapter_config.json names no base model; pass --base")
+    hub.use_local_files_if_unreachable([base, run.model.tokenizer])
     return AdapterSource(path, base, recorded, run)
 
 
