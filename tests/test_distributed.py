@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from medqa_loop.batching import accumulation_windows, epoch_order, zero_weight_batch
+from medqa_loop.checkpoint.state import verify_state
 from medqa_loop.distributed import LaunchError, check_processes
 from medqa_loop.losses import weighted_loss_sum
 from medqa_loop.metrics import read_metrics
@@ -99,6 +100,18 @@ def test_two_processes_equal_one_process_with_double_accumulation(tiny_cfg, tmp_
     diff = sum((a[k] - b[k]).pow(2).sum() for k in a).sqrt() / sum(v.pow(2).sum() for v in b.values()).sqrt()
     assert diff < 1e-5
     assert (ddp_dir / "epoch-1" / "adapter_model.safetensors").is_file()
+
+    # The epoch-end state holds each process's RNGs, gathered to the main process, which wrote
+    # them; resumed from it by both processes, step 4 comes out bitwise the same.
+    state = ddp_dir / "state" / "step-3"
+    assert verify_state(state)["num_processes"] == 2
+    assert sorted(p.name for p in state.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    resumed = launch_two_cpu_processes(
+        "--config", TINY, *(a for o in overrides for a in ("--set", o)), "--resume", str(state), cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = adapter(ddp_dir)
+    assert again.keys() == a.keys() and all(torch.equal(again[k], a[k]) for k in a)
 
 
 def test_zero_weight_batch_reaches_every_lora_matrix_with_zero_gradient(tiny_cfg):

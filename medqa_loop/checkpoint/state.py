@@ -309,7 +309,9 @@ def restore(path: Path, accelerator, model, optimizer, output_dir: Path) -> Posi
     from peft.utils import load_peft_weights
 
     info = json.loads((path / TRAINER_STATE).read_text())
-    weights = load_peft_weights(str(path), device=str(accelerator.device))  # safetensors
+    # On the host (safetensors refuses a device named "cpu:0", a CPU process group's), then copied
+    # into the parameters where they are.
+    weights = load_peft_weights(str(path), device="cpu")
     unexpected = set_peft_model_state_dict(accelerator.unwrap_model(model), weights).unexpected_keys
     if unexpected:
         raise StateError(f"training state {path}: {ADAPTER_WEIGHTS} does not fit this model: {unexpected[:3]}")
