@@ -218,11 +218,12 @@ def verify_state(path: Path) -> dict:
 def _check_loads(path: Path, name: str) -> None:
     """A state file must load as restore loads it: torch.load(weights_only=True), with
     Accelerate's allowed globals (accelerate.utils.load). One it refuses (written with other
-    library versions, say) is a bad state, found here, before the model loads."""
+    library versions, say) is a bad state, found here, before the model loads. Memory-mapped:
+    the pickle is checked, the tensors' bytes are not read (the manifest's hash read them)."""
     from accelerate.utils import load
 
     try:
-        load(path / name, map_location="cpu")
+        load(path / name, map_location="cpu", mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         # torch's own words on what it refused, out of its long advice
         why = re.search(r"WeightsUnpickler error: (.*?)(?:\. |$)", str(e), re.MULTILINE)
