@@ -1,18 +1,14 @@
 """How long a training state and a best-adapter save hold up training, written in the caller (as
 before checkpoint.writer) and in the background (the loop now), at Mistral-7B's LoRA sizes.
 
-  python benchmarks/save_bench.py --out DIR [--device cuda|cpu] [--repeat 3] [--window 10]
+  python benchmarks/save_bench.py --out DIR [--device cuda|cpu] [--repeat 3]
 
 The state is the real one (StateSaver.save: the r16 LoRA on all seven projections of 32 layers,
 41.9M parameters, and AdamW's moments, ~480 MB on disk); the frozen base is built on the meta
 device, since a save never reads it, so the machine needs no 7B. "held" is how long the save call
 keeps the loop (in the background: the host copy of weights and moments), "written" until the
-files are on disk and renamed into place. The writer's thread shares the GIL with the loop: "loop
-lost" is how many seconds of a CPU-bound Python loop a state save costs within ``--window``
-seconds (its iteration count with a save at the window's start, against the count in the
-window before without one), the worst case for a loop that otherwise waits on the GPU.
-Appends a row per way and repeat to <out>/save_results.jsonl with the command, machine, date and
-code digest.
+files are on disk and renamed into place. Appends a row per way and repeat to
+<out>/save_results.jsonl with the command, machine, date and code digest.
 """
 
 from __future__ import annotations
@@ -55,17 +51,6 @@ def lora_7b(device: torch.device):
     return model
 
 
-def python_loop(seconds: float, save=None) -> int:
-    """Iterations of a pure-Python loop in ``seconds``, ``save()`` called at the start."""
-    started, n = time.perf_counter(), 0
-    if save is not None:
-        save()
-    while time.perf_counter() - started < seconds:
-        for _ in range(1000):
-            n += 1
-    return n
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -76,7 +61,6 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--window", type=float, default=10.0, help="seconds of the CPU-bound loop a save is timed in")
     a = p.parse_args()
     from accelerate import Accelerator
 
@@ -116,12 +100,7 @@ def main() -> None:
                 size = sum(f.stat().st_size for f in (run_dir / "state" / f"step-{step}").iterdir()) if what == "state" else None
                 rows.append({**info, "what": what, "way": "background" if background else "in the caller",
                              "repeat": repeat, "held_s": round(held, 4), "written_s": round(written, 4), "bytes": size})
-            alone = python_loop(a.window)
-            beside = python_loop(a.window, lambda: saver.save(Position(100 + step, 0, 1), writer))
-            writer.wait()
-            rows[-2]["loop_lost_s"] = round(a.window * (1 - beside / alone), 3)
-            for row in rows[-2:]:
-                print(json.dumps(row), flush=True)
+                print(json.dumps(rows[-1]), flush=True)
     with (out / "save_results.jsonl").open("a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

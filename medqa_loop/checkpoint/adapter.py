@@ -40,7 +40,7 @@ class AdapterError(ValueError):
 def adapter_weights(accelerator, model) -> dict[str, torch.Tensor]:
     """A host copy of the LoRA weights as they are now (the trainable parameters, under the model's
     state-dict names): what a write that happens later writes."""
-    return host_copy({name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad})
+    return {name: host_copy(p) for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
 
 def write_adapter(accelerator, model, weights: dict[str, torch.Tensor], out_dir: Path, tokenizer=None) -> None:

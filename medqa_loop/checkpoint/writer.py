@@ -28,36 +28,14 @@ class CheckpointWriteError(RuntimeError):
 
 
 def host_copy(obj):
-    """``obj`` (a state dict: dicts, lists, tuples of tensors and plain values) with every tensor
-    copied to host memory. The tensors of one device and dtype are copied as one flat buffer, the
-    copies views into it: one transfer from the GPU, not one blocking transfer a tensor (a 7B r16
-    state holds ~900), and one record for torch.save, which holds the GIL while it writes a record:
-    a thousand small ones would hand the GIL back and forth with the training loop."""
-    leaves: list[torch.Tensor] = []
-    _tensors(obj, leaves.append)
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(leaves):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    copies: list[torch.Tensor | None] = [None] * len(leaves)
-    for members in groups.values():
-        flat = torch.cat([leaves[i].detach().reshape(-1) for i in members]).to("cpu")
-        offset = 0
-        for i in members:
-            n = leaves[i].numel()
-            copies[i] = flat[offset : offset + n].view(leaves[i].shape)
-            offset += n
-    replaced = iter(copies)
-    return _tensors(obj, lambda t: next(replaced))
-
-
-def _tensors(obj, fn):
-    """``obj`` rebuilt with ``fn(t)`` in place of each tensor ``t``, in a fixed order."""
+    """``obj`` with every tensor in it (in dicts, lists, tuples: a state dict) copied to host
+    memory; from the GPU that is one blocking transfer each, so the copy is complete on return."""
     if isinstance(obj, torch.Tensor):
-        return fn(obj)
+        return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {key: _tensors(value, fn) for key, value in obj.items()}
+        return {key: host_copy(value) for key, value in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_tensors(value, fn) for value in obj)
+        return type(obj)(host_copy(value) for value in obj)
     return obj
 
 
