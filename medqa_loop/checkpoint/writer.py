@@ -72,7 +72,8 @@ def _run(what: str, path: Path, write: Callable[[], object]) -> None:
         write()
     except Exception as e:
         message = f"writing {what} to {path} failed: {e}"
-        print(f"medqa train: error: {message}", file=sys.stderr, flush=True)
+        # Now, in case the run ends another way first; the run stops with it at its next save.
+        print(f"medqa train: {message}", file=sys.stderr, flush=True)
         if isinstance(e, OSError):
             raise CheckpointWriteError(message) from e
         raise
