@@ -95,24 +95,29 @@ def decoder_layer_forward(self, hidden_states, *args, **kwargs):
     if not stock:
         from medqa_loop.kernels.patch import projection_args
 
-        stock = any(projection_args(m, draw=False) is None for m in modules)
+        # Checked on every call (generation disables adapters at run time), and kept: the
+        # fused forward takes these, its seeds drawn there.
+        projections = [projection_args(m, draw=False) for m in modules]
+        stock = any(p is None for p in projections)
     if stock:
         return type(self).forward(self, hidden_states, *args, **kwargs)
     checkpointed = getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled()
     if checkpointed and not _checkpoints_in_call():
-        return self._gradient_checkpointing_func(partial(_fused_forward, self, **kwargs), hidden_states)
-    return _fused_forward(self, hidden_states, **kwargs)
+        return self._gradient_checkpointing_func(partial(_fused_forward, self, projections, **kwargs), hidden_states)
+    return _fused_forward(self, projections, hidden_states, **kwargs)
 
 
-def _fused_forward(self, hidden_states, **kwargs):
-    from medqa_loop.kernels.patch import projection_args
+def _fused_forward(self, projections: list[tuple], hidden_states, **kwargs):
+    """The fused nodes, given the layer's q, k, v, o, gate, up, down projection_args (seeds not
+    drawn)."""
+    from medqa_loop.kernels.patch import with_seed
 
     # The dropout seeds are drawn in the stock forward's order: q, k, v here, o by its own routed
     # forward below, then gate, up, down. A checkpointed layer's recompute restores the RNG
     # state and draws them again.
-    attn, mlp, ln1, ln2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+    attn, ln1, ln2 = self.self_attn, self.input_layernorm, self.post_attention_layernorm
     modeling = sys.modules[type(attn).__module__]
-    q, k, v = [projection_args(getattr(attn, n)) for n in _ATTENTION]
+    q, k, v = [with_seed(p) for p in projections[:3]]
     attention_mask = kwargs.pop("attention_mask", None)
     cos, sin = kwargs.pop("position_embeddings")
     kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
@@ -137,6 +142,6 @@ def _fused_forward(self, hidden_states, **kwargs):
     # the checks above found plain and unhooked
     hidden_states = hidden_states + attn.o_proj(out.reshape(*shape, -1).contiguous())
 
-    gate, up, down = [projection_args(getattr(mlp, n)) for n in _MLP]
+    gate, up, down = [with_seed(p) for p in projections[4:]]
     h, down_lora = NormedSwiGLU.apply(hidden_states, ln2.weight, ln2.variance_epsilon, *gate, *up, *down)
     return hidden_states + BaseAfterLora.apply(h, down[0], down[1], down_lora)

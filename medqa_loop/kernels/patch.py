@@ -117,25 +117,33 @@ def _plain_adapter(self) -> str | None:
 def projection_args(module, draw: bool = True) -> tuple | None:
     """The 8 arguments (autograd.PROJECTION_ARGS) the fused functions take for one projection:
     a routed PEFT LoRA layer in the plain case (its dropout seed drawn when it trains with
-    dropout and ``draw``), or a frozen linear without LoRA (a dequantized bitsandbytes layer or
-    a plain Linear); None for anything else (LLM.int8, several adapters, a trained base...)."""
+    dropout and ``draw``; else 0, for ``with_seed`` to draw later), or a frozen linear without
+    LoRA (a dequantized bitsandbytes layer or a plain Linear); None for anything else (LLM.int8,
+    several adapters, a trained base...)."""
     if getattr(module.forward, "__func__", None) is _lora_forward:
         name = _plain_adapter(module)
         if name is None:
             return None
         dropout = module.lora_dropout[name]
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and module.training else 0.0
-        # Drawn from the global CPU generator: seeded runs repeat, and activation checkpointing
-        # (which restores the RNG state for its recompute) draws the same seed again.
-        seed = int(torch.randint(2**62, ())) if p > 0 and draw else 0
         base = module.get_base_layer()
         w, scb = int8_state(base) if base.weight.dtype == torch.int8 else (base.weight, None)
-        return w, scb, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name], p, seed
+        args = w, scb, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name], p, 0
+        return with_seed(args) if draw else args
     if uses_dequant_matmul(module):
         return (*int8_state(module), module.bias, None, None, 0.0, 0.0, 0)
     if type(module) is torch.nn.Linear and not module.weight.requires_grad:
         return module.weight, None, module.bias, None, None, 0.0, 0.0, 0
     return None
+
+
+def with_seed(args: tuple) -> tuple:
+    """One projection's arguments with a dropout seed drawn, where its LoRA trains with dropout."""
+    if args[6] == 0:  # p
+        return args
+    # Drawn from the global CPU generator: seeded runs repeat, and activation checkpointing
+    # (which restores the RNG state for its recompute) draws the same seed again.
+    return (*args[:7], int(torch.randint(2**62, ())))
 
 
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
