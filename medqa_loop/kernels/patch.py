@@ -286,7 +286,7 @@ def describe(report: dict) -> str:
     fused = (
         f"fused: {report['fused_lora_linears']} of {report['lora_linears']} LoRA linears, {report['fused_rmsnorms']} "
         f"RMSNorms, {report['fused_mlps']} MLPs, {report['fused_rotary']} rotary embeddings, with {report['kernels']} kernels; "
-        f"{report.get('fused_decoder_layers', 0)} decoder layers as fused nodes; "
+        f"{report['fused_decoder_layers']} decoder layers as fused nodes; "
         f"loss head over target positions: {report['fused_loss_head']}"
         if report["fused_ops"] else "fused ops off (transformers' and PEFT's modules)"
     )
