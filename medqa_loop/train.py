@@ -158,7 +158,6 @@ def run(
 ) -> dict:
     """Train as ``cfg`` says; return the last logged values."""
     from medqa_loop.checkpoint.state import StateSaver, examples_digest
-    from medqa_loop.checkpoint.writer import CheckpointWriter
     from medqa_loop.debug.profiling import StepProfiler
     from medqa_loop.debug.trace import build_debugger, load_pause_hooks
     from medqa_loop.generate import eval_sampler
@@ -174,12 +173,10 @@ def run(
     log = MetricsLog(p.out / "metrics.jsonl", enabled=p.accelerator.is_main_process, forward=forward)
     if p.start.step == 0:  # a resumed run's metrics.jsonl has it already
         log.write(step=0, **p.data_stats)
-    writer = CheckpointWriter()
     saver = StateSaver(cfg, p.accelerator, p.model, p.optimizer, examples_digest(p.train_examples))
     rank = p.accelerator.process_index if p.accelerator.num_processes > 1 else None
     hooks = Hooks(
         log=log,
-        writer=writer,
         sample_answers=eval_sampler(cfg, p.accelerator, p.model, p.tokenizer, p.val_pairs, p.out / "samples.jsonl"),
         states=saver,
         profiler=StepProfiler(cfg.train.profile_steps, p.out / "profile", rank),
