@@ -46,6 +46,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # The defaults planned for a 16 GB GPU (model.memory_limit_gb): the memory plan checkpoints
     # the layers it must for the data's largest micro-batch to fit 16 GB less its 10% margin.
     "medqa_loop_16gb": ("int8", ["model.memory_limit_gb=16"]),
+    # The same with 2k-token rows: four or five micro-batches a window, few or no layers
+    # checkpointed; CPU-bound eagerly, at the GPU's pace as CUDA graphs.
+    "medqa_loop_16gb_2k": ("int8", ["model.memory_limit_gb=16", "data.pack_tokens=2048"]),
+    "medqa_loop_16gb_2k_eager": ("int8", ["model.memory_limit_gb=16", "data.pack_tokens=2048", "model.cuda_graphs=false"]),
+    # The defaults without CUDA graphs (model.cuda_graphs=false): each micro-batch launched eagerly.
+    "medqa_loop_eager": ("int8", ["model.cuda_graphs=false"]),
+    # Speed with memory to spare: 8k-token rows, no layer checkpointed.
+    "medqa_loop_pack8k_nogc": ("int8", ["data.pack_tokens=8192", "model.gradient_checkpointing=false"]),
     # The same with every layer checkpointed (the defaults before the memory plan; ~13 GB).
     "medqa_loop_checkpoint_all": ("int8", ["model.gradient_checkpointing=true"]),
     # Length-grouped dynamic padding instead of packing (4 pairs a micro-batch x GA 4).
@@ -122,6 +130,7 @@ def summarize(metrics: Path, profiled: set[int] = frozenset()) -> dict:
         "samples_per_s": samples / secs,
         "tokens_per_s": tokens / secs,
         "peak_gb": max(r.get("peak_gb", 0.0) for r in steps),
+        "peak_reserved_gb": max(r.get("peak_reserved_gb", 0.0) for r in steps),
         "steps_timed": len(steps),
         "step_s": [round(r["step_time_s"], 4) for r in steps],  # the spread, not only the mean
         "loss": [round(r["loss"], 6) for r in logged],  # every step's: numerics compared across code
@@ -197,6 +206,7 @@ def main() -> None:
             "samples_per_s": round(result["samples_per_s"], 3),
             "tokens_per_s": round(tokens, 1),
             "peak_gb": round(result["peak_gb"], 2),
+            "peak_reserved_gb": round(result.get("peak_reserved_gb", 0.0), 2),
             "mfu": round(tokens * 4 * N_PARAMS / PEAK_FLOPS, 4),
             "mean_tokens": a.mean_tokens, "sigma": a.sigma, "steps_timed": result["steps_timed"],
             "step_s": result.get("step_s"),  # None for the HF Trainer reference

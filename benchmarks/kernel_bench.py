@@ -74,7 +74,7 @@ def launch_overheads() -> list[dict]:
     leaf = torch.randn(16, 256, device="cuda", requires_grad=True)
     cb = torch.randint(-127, 128, (256, 256), device="cuda", dtype=torch.int8)
     scb = torch.rand(256, device="cuda") + 0.5
-    drop = dropout_args(0.1, 12345, x.numel())
+    drop = dropout_args(0.1, torch.tensor(12345, device=x.device), x.numel())  # a device seed, as in training
     cases = {
         "torch.empty_like": lambda: torch.empty_like(x),
         "x + x": lambda: x + x,
@@ -118,7 +118,7 @@ def main() -> None:
     for width in (4096, 14336):
         x = torch.randn(t, width, device="cuda", generator=gen).to(bf16)
         y = torch.randn_like(x)
-        drop = dropout_args(0.1, 2**40 + 7, x.numel())
+        drop = dropout_args(0.1, torch.tensor(2**40 + 7, device=x.device), x.numel())
         n = x.numel()
         report(f"dropped [{t},{width}] (hash mask, Triton)", lambda: ops.dropped(x, drop), 4 * n)
         report(f"eager bernoulli mask * x [{t},{width}] (before)",

@@ -25,6 +25,7 @@ import torch
 from medqa_loop.batching import accumulation_windows, epoch_order, window_batches
 from medqa_loop.config import load_config
 from medqa_loop.debug.profiling import report
+from medqa_loop.kernels.graphs import MicroBatchGraphs
 from medqa_loop.loop import backward_window, window_counts
 from medqa_loop.model import set_checkpointing
 from medqa_loop.optim import optimizer_step
@@ -48,6 +49,7 @@ def main() -> None:
     p.add_argument("--trace", help="write the profiled window's Chrome trace here (.json.gz)")
     p.add_argument("--cprofile", action="store_true", help="... and one more under cProfile")
     p.add_argument("--windows", type=int, default=3, help="timed windows per setting (+1 warm-up)")
+    p.add_argument("--eager-too", action="store_true", help="time each setting with CUDA graphs and again without")
     p.add_argument("--repeat", action="store_true", help="run each timed window twice: the second time "
                    "every matmul shape has been seen (repeat_s), the first time most have not (window_s)")
     a = p.parse_args()
@@ -68,34 +70,43 @@ def main() -> None:
     n_layers = parts.model.get_base_model().config.num_hidden_layers
     plans = [(n_layers, a.tokens)] + [(int(k), a.tokens) for k in a.checkpoint_layers.split(",") if k] + [(0, a.tokens_nogc)]
     rows = []
+    params = [q for q in model.parameters() if q.requires_grad]
+    ways = [True, False] if a.eager_too else [parts.graphs is not None]
     for layers, budgets in plans:
         set_checkpointing(model.get_base_model(), layers)
         gc = layers > 0
         for budget in [int(t) for t in budgets.split(",") if t]:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            walls, launches, repeats, pairs, tokens, longest = [], [], [], 0, 0, 0
-            setting = {"tokens_per_micro_batch": budget, "checkpointing": gc, "checkpoint_layers": layers}
-            try:
-                cfg.data.pack_tokens = budget
-                for w, window in enumerate(windows[: a.windows + 1]):
-                    wall, launched, counts, _, row_tokens = optimizer_window(parts, cfg, window)
-                    longest = max(longest, row_tokens)
-                    if w:  # the first window warms up kernels and the allocator
-                        walls.append(round(wall, 4))
-                        launches.append(round(launched, 4))
-                        pairs += int(counts[3])
-                        tokens += int(counts[2])
-                        if a.repeat:
-                            repeats.append(round(optimizer_window(parts, cfg, window)[0], 4))
-                row = {**setting, "samples_per_s": pairs / sum(walls), "tokens_per_s": tokens / sum(walls),
-                       "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "max_row_tokens": longest,
-                       "window_s": walls, "launch_s": launches, **({"repeat_s": repeats} if repeats else {})}
-            except torch.OutOfMemoryError:
-                parts.optimizer.zero_grad(set_to_none=True)
-                row = {**setting, "oom": True}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            for graphed in ways:
+                # A fresh set of graphs a setting: the last setting's pool is freed, and the peaks are this one's.
+                graphs = MicroBatchGraphs(model, params, lengths, parts.tokenizer.pad_token_id, lambda *_: None) if graphed else None
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                walls, launches, repeats, pairs, tokens, longest = [], [], [], 0, 0, 0
+                setting = {"tokens_per_micro_batch": budget, "checkpointing": gc, "checkpoint_layers": layers,
+                           "cuda_graphs": graphed}
+                try:
+                    cfg.data.pack_tokens = budget
+                    for w, window in enumerate(windows[: a.windows + 1]):
+                        wall, launched, counts, _, row_tokens = optimizer_window(parts, cfg, window, graphs)
+                        longest = max(longest, row_tokens)
+                        if w:  # the first window warms up kernels and the allocator (and captures graphs)
+                            walls.append(round(wall, 4))
+                            launches.append(round(launched, 4))
+                            pairs += int(counts[3])
+                            tokens += int(counts[2])
+                            if a.repeat:
+                                repeats.append(round(optimizer_window(parts, cfg, window, graphs)[0], 4))
+                    row = {**setting, "samples_per_s": pairs / sum(walls), "tokens_per_s": tokens / sum(walls),
+                           "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+                           "reserved_gb": torch.cuda.max_memory_reserved() / 1e9, "max_row_tokens": longest,
+                           "graphs_captured": sorted(graphs.graphs) if graphs else None,
+                           "window_s": walls, "launch_s": launches, **({"repeat_s": repeats} if repeats else {})}
+                except torch.OutOfMemoryError:
+                    parts.optimizer.zero_grad(set_to_none=True)
+                    row = {**setting, "oom": True}
+                del graphs
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     (out / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plot(rows, out / "sweep.png", torch.cuda.get_device_name(0))
     if a.profile:
@@ -106,7 +117,7 @@ def main() -> None:
             cprofile_window(parts, cfg, windows[1])
 
 
-def optimizer_window(parts, cfg, window) -> tuple[float, float, torch.Tensor, int, int]:
+def optimizer_window(parts, cfg, window, graphs=None) -> tuple[float, float, torch.Tensor, int, int]:
     """One optimizer step over ``window`` as the loop makes it (micro-batches, backward, clip,
     step): (wall seconds, seconds until the CPU had queued all its GPU work, loop.window_counts,
     micro-batches, tokens of the largest micro-batch). Where the first two are close, the CPU,
@@ -116,7 +127,7 @@ def optimizer_window(parts, cfg, window) -> tuple[float, float, torch.Tensor, in
     t0 = time.perf_counter()
     batches = window_batches(window, parts.train_examples, cfg, parts.collate_fn, acc.device)
     counts = window_counts(acc, batches)
-    loss = backward_window(acc, model, batches, counts[0]) / counts[0]
+    loss = backward_window(acc, model, batches, counts[0], graphs=graphs) / counts[0]
     optimizer_step(acc, parts.optimizer, [q for q in model.parameters() if q.requires_grad], cfg.train.max_grad_norm, loss)
     launched = time.perf_counter() - t0
     torch.cuda.synchronize()
@@ -129,7 +140,7 @@ def profile_window(parts, cfg, window, trace: str | None = None) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall, _, _, micro_batches, _ = optimizer_window(parts, cfg, window)
+        wall, _, _, micro_batches, _ = optimizer_window(parts, cfg, window, parts.graphs)
     if trace:
         prof.export_chrome_trace(trace)
     print(report(prof, wall), flush=True)
@@ -158,14 +169,23 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(11, 4))
-    for layers in sorted({r.get("checkpoint_layers", 32 if r["checkpointing"] else 0) for r in rows}, reverse=True):
-        ok = [r for r in rows if r.get("checkpoint_layers", 32 if r["checkpointing"] else 0) == layers and not r.get("oom")]
-        label, style = (f"{layers} layers checkpointed", "o-") if layers else ("no checkpointing", "s--")
-        mem.plot([r["tokens_per_micro_batch"] for r in ok], [r["peak_gb"] for r in ok], style, label=label)
-        speed.plot([r["tokens_per_micro_batch"] for r in ok], [r["samples_per_s"] for r in ok], style, label=label)
+    def layers_of(r):
+        return r.get("checkpoint_layers", 32 if r["checkpointing"] else 0)
+
+    for graphed in sorted({bool(r.get("cuda_graphs")) for r in rows}, reverse=True):
+        for layers in sorted({layers_of(r) for r in rows}, reverse=True):
+            ok = [r for r in rows if layers_of(r) == layers and bool(r.get("cuda_graphs")) == graphed and not r.get("oom")]
+            if not ok:
+                continue
+            label = f"{layers} layers checkpointed" if layers else "no checkpointing"
+            style = ("o" if layers else "s") + ("-" if graphed else ":")
+            label += ", CUDA graphs" if graphed else ", eager"
+            # what the GPU holds for the process (the graphs' pool included)
+            mem.plot([r["tokens_per_micro_batch"] for r in ok], [r.get("reserved_gb", r["peak_gb"]) for r in ok], style, label=label)
+            speed.plot([r["tokens_per_micro_batch"] for r in ok], [r["samples_per_s"] for r in ok], style, label=label)
     for gb in (16, 24):
         mem.axhline(gb, color="grey", lw=0.8, ls=":")
-    for ax, title in ((mem, "peak GPU memory (GB)"), (speed, "samples/s (16 pairs a step)")):
+    for ax, title in ((mem, "peak GPU memory reserved (GB)"), (speed, "samples/s (16 pairs a step)")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per micro-batch (packed row)")
         ax.set_title(title)

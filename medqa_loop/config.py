@@ -70,6 +70,12 @@ class ModelConfig:
     # less for backward, and the loss head over the target positions (medqa_loop.kernels): the
     # same maths, ~3x less activation memory than PEFT's and transformers' modules uncheckpointed.
     fused_ops: bool = True
+    # Each packed training micro-batch's forward and backward replayed as one CUDA graph
+    # (medqa_loop.kernels.graphs): the CPU's ~0.3 s a micro-batch becomes one launch, so small
+    # rows run at the GPU's pace. Rows are padded to a multiple of 512 tokens (no loss there).
+    # "auto" = on CUDA with fused_ops, packing, one process and debug mode off; true = as auto,
+    # an error where it cannot run.
+    cuda_graphs: bool | str = "auto"
     # Mistral is native to transformers: running code from the hub is opt-in only.
     trust_remote_code: bool = False
 
@@ -326,6 +332,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'model.gradient_checkpointing' must be auto, true, false or a number of layers >= 0; got {gc!r}"
         )
+    if m.cuda_graphs not in ("auto", True, False):
+        raise ConfigError(f"config key 'model.cuda_graphs' must be auto, true or false; got {m.cuda_graphs!r}")
+    if m.cuda_graphs is True:
+        from medqa_loop.kernels.graphs import graphs_unsupported
+
+        if (why := graphs_unsupported(cfg)) is not None:
+            raise ConfigError(f"config key 'model.cuda_graphs' is true, but {why}; set it to auto or false")
     if m.memory_limit_gb is not None and (
         isinstance(m.memory_limit_gb, bool) or not isinstance(m.memory_limit_gb, (int, float)) or m.memory_limit_gb <= 0
     ):

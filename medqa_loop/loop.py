@@ -11,7 +11,8 @@ One optimizer step = one accumulation window of ``grad_accum_steps`` micro-batch
      This is the one place the loss is scaled. DDP averages gradients over processes, hence the
      factor ``world``; the result is exactly d(mean token loss over the window)/d(params),
      however the tokens fall into micro-batches and processes. A mean of micro-batch means
-     would over-weight short answers.
+     would over-weight short answers. With ``model.cuda_graphs`` (kernels.graphs) a micro-batch's
+     forward and backward are the replay of one CUDA graph, scaled by the same factor.
   4. clip, optimizer step, zero_grad (optim.optimizer_step); a step whose loss or gradient norm
      is not finite applies no update, then stops the run with the state of the last good step
      (``train.nan_policy: stop``) or is counted and passed over (``skip``). Debug mode adds, just
@@ -59,6 +60,7 @@ from medqa_loop.optim import lr_at, optimizer_step, schedule_warnings, set_lr
 if TYPE_CHECKING:
     from medqa_loop.debug.profiling import StepProfiler
     from medqa_loop.debug.trace import GradientDebugger
+    from medqa_loop.kernels.graphs import MicroBatchGraphs
     from medqa_loop.train import PreparedRun
 
 EPS = 1e-8  # floor of the loss normaliser: an all-masked window must not divide by 0
@@ -99,22 +101,28 @@ def backward_window(
     batches: list[Batch],
     normaliser: torch.Tensor,
     on_micro_batch: Callable[[int, Batch, torch.Tensor], None] | None = None,
+    graphs: MicroBatchGraphs | None = None,
 ) -> torch.Tensor:
     """Forward + backward every micro-batch of one window; return the local (unscaled) loss sum.
 
     The one place the loss is scaled: by world / normaliser (see the module docstring). An
     all-masked window has a zero loss sum; the clamp keeps its gradient 0 rather than NaN.
     ``on_micro_batch(i, batch, loss_sum)`` runs after each micro-batch's backward (the debugger
-    attributes the gradient to micro-batches there).
+    attributes the gradient to micro-batches there). With ``graphs`` (model.cuda_graphs, one
+    process) each micro-batch's forward and backward are the replay of a CUDA graph: the same
+    maths, with this scale.
     """
     scale = accelerator.num_processes / normaliser.clamp(min=EPS)
     loss_sum = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(batches):
-        # Gradients are all-reduced once per window, on its last micro-batch.
-        sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
-        with sync:
-            micro_loss = model_loss_sum(model, batch)
-            accelerator.backward(micro_loss * scale.to(micro_loss.dtype))
+        if graphs is not None:
+            micro_loss = graphs.run(batch, scale)
+        else:
+            # Gradients are all-reduced once per window, on its last micro-batch.
+            sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+            with sync:
+                micro_loss = model_loss_sum(model, batch)
+                accelerator.backward(micro_loss * scale.to(micro_loss.dtype))
         loss_sum += micro_loss.detach().float()
         if on_micro_batch is not None:
             on_micro_batch(i, batch, micro_loss.detach())
@@ -191,7 +199,7 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                 if not batches:  # no share of an epoch's short last window; it must still join DDP
                     batches = [zero_weight_batch(examples[0], run.collate_fn, accelerator.device)]
                 watch = debugger.watch(step + 1) if debugger is not None else None
-                loss_sum = backward_window(accelerator, model, batches, counts[0], watch)
+                loss_sum = backward_window(accelerator, model, batches, counts[0], watch, run.graphs)
                 mean_loss = accelerator.reduce(loss_sum, reduction="sum") / counts[0].clamp(min=EPS)
 
                 # 4. debug mode: user hooks, snapshots, where a non-finite value was born; then the
@@ -226,7 +234,7 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
                     "step_time_s": elapsed,
                 }
                 if (peak := peak_memory_gb(accelerator.device)) is not None:
-                    last["peak_gb"] = peak
+                    last["peak_gb"], last["peak_reserved_gb"] = peak
                 if not finite:
                     last["skipped_nonfinite"] = skipped
                 if debugger is not None:

@@ -162,9 +162,10 @@ def largest_micro_batch(examples: list[dict], cfg, world: int = 1) -> int:
     return largest
 
 
-def plan(cfg, model_config, examples: list[dict], device, world: int = 1) -> tuple[int, dict, str]:
+def plan(cfg, model_config, examples: list[dict], device, world: int = 1, graphs: bool = False) -> tuple[int, dict, str]:
     """(decoder layers to checkpoint, the plan's figures for metrics.jsonl, the start-up line),
-    for ``model.gradient_checkpointing``: true = every layer, false = none, N = the first N,
+    for the largest micro-batch (as its CUDA graph pads it, with ``graphs``) and
+    ``model.gradient_checkpointing``: true = every layer, false = none, N = the first N,
     "auto" = ``choose`` on a GPU (its free memory now, before the base is loaded, or
     ``model.memory_limit_gb`` where that is less) and every layer on the CPU, where memory is not the limit. Raises MemoryPlanError for an auto plan that does
     not fit."""
@@ -183,6 +184,10 @@ def plan(cfg, model_config, examples: list[dict], device, world: int = 1) -> tup
         return forced, {"checkpoint_layers": forced}, f"memory plan: checkpoint {forced} of {n_layers} layers (model.gradient_checkpointing)"
     model = memory_model(model_config, cfg.lora.r, cfg.lora.target_modules, cfg.model.load_in_8bit)
     tokens = largest_micro_batch(examples, cfg, world)
+    if graphs:
+        from medqa_loop.kernels.graphs import padded_tokens
+
+        tokens = padded_tokens(tokens)
     free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
     limit = cfg.model.memory_limit_gb
     if forced is None:

@@ -31,13 +31,15 @@ class MetricsLog:
             self.forward(record)
 
 
-def peak_memory_gb(device) -> float | None:
-    """Peak GPU memory allocated by this process so far (GB), None off-GPU."""
+def peak_memory_gb(device) -> tuple[float, float] | None:
+    """Peak GPU memory (GB) this process has allocated, and has reserved (what the GPU holds for
+    it: the allocator's cache and the CUDA graphs' pool, which a replay uses without allocating),
+    so far; None off-GPU."""
     import torch
 
     if torch.device(device).type != "cuda":
         return None
-    return torch.cuda.max_memory_allocated(device) / 1e9
+    return torch.cuda.max_memory_allocated(device) / 1e9, torch.cuda.max_memory_reserved(device) / 1e9
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -62,11 +62,12 @@ def _frozen_weight(w: torch.Tensor, scb: torch.Tensor | None, dtype: torch.dtype
 # -- one frozen projection and its LoRA: the maths LoraLinear and the decoder layer's nodes share --
 #
 # A projection is given as the 8 arguments (w, scb, bias, lora_a, lora_b, scale, p, seed):
-# lora_a = lora_b = None for a frozen linear with no adapter. _project is its forward on a 2-D
+# lora_a = lora_b = None for a frozen linear with no adapter; seed, where p > 0, is this forward's
+# 0-d int64 device tensor (medqa_loop.kernels.seeds). _project is its forward on a 2-D
 # input, _project_backward its gradients.
 
 
-def _project(x2, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed: int, with_base: bool = True):
+def _project(x2, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed, with_base: bool = True):
     """(y, xa, a, b) for one projection of the 2-D x2: y = x2 W^T + b + scale * (dropout(x2) A^T) B^T
     (``x2 W^T`` left out without ``with_base``), xa = scale/(1-p) * dropout(x2) A^T, and A, B cast to
     x2's dtype (None, None, None for a projection without LoRA)."""
@@ -88,14 +89,14 @@ def _project(x2, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed: int
     return y, xa, a, b
 
 
-def _project_backward(g, x2, w, scb, a, b, xa, scale: float, p: float, seed: int, grad_dtypes,
+def _project_backward(g, x2, w, scb, a, b, xa, scale: float, p: float, seed, grad_dtypes,
                       grad_x=None, need_x: bool = True):
     """(grad_a, grad_b, grad_x) of one projection, for the 2-D output gradient g and input x2:
     LoRA's gradients in ``grad_dtypes`` (None without LoRA), and x's gradient through this
     projection added into ``grad_x`` (in place) when given, else a new tensor (None without ``need_x``)."""
     grad_a = grad_b = part = None
     if a is not None:
-        drop = dropout_args(p, seed, x2.numel())
+        drop = dropout_args(p, seed, x2.numel()) if p > 0 else None
         grad_b = (g.t() @ xa).to(grad_dtypes[1])
         # d loss / d (dropout(x) A^T), r wide: the scale and 1/(1-p) the forward put on xa.
         g_xa = (g @ b).mul_(scale / (1.0 - p))
@@ -130,7 +131,7 @@ class LoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed: int, with_base: bool = True):
+    def forward(ctx, x, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed, with_base: bool = True):
         x2 = x.reshape(-1, x.size(-1))  # 2-D here and in backward: the same mask indices
         y, xa, a, b = _project(x2, w, scb, bias, lora_a, lora_b, scale, p, seed, with_base)
         ctx.save_for_backward(x, w, scb, a, b, xa)

@@ -9,7 +9,7 @@
     x        = x + BaseAfterLora(h, lora)           down_proj's frozen matmul
 
 The maths is the stock layer's (the same as the per-module fast path: the same kernels, and the
-LoRA dropout seeds drawn in the same order q, k, v, o, gate, up, down, so the masks are the same).
+same LoRA dropout seeds, so the masks are the same).
 Two things change. Activations: an uncheckpointed layer keeps neither normed input nor the
 SwiGLU product h, which backward recomputes in elementwise passes: 22,528 of a Mistral-7B layer's
 69,632 values a token, a third less memory a token (BENCHMARKS.md). And CPU time: one Python
@@ -48,7 +48,7 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 
 def covers(layer, projection_args) -> bool:
     """Whether ``layer`` has the structure this forward computes (checked once, when patching);
-    ``projection_args(module, draw=False)`` tells whether a projection is one it can run."""
+    ``projection_args(module, seeded=False)`` tells whether a projection is one it can run."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     modeling = sys.modules.get(type(attn).__module__)
     return (
@@ -59,7 +59,7 @@ def covers(layer, projection_args) -> bool:
         and type(mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
         and all(hasattr(n, "variance_epsilon") for n in (layer.input_layernorm, layer.post_attention_layernorm))
         and hasattr(modeling, "apply_rotary_pos_emb") and hasattr(modeling, "ALL_ATTENTION_FUNCTIONS")
-        and all(projection_args(m, draw=False) is not None for m in _projection_modules(layer))
+        and all(projection_args(m, seeded=False) is not None for m in _projection_modules(layer))
     )
 
 
@@ -96,8 +96,8 @@ def decoder_layer_forward(self, hidden_states, *args, **kwargs):
         from medqa_loop.kernels.patch import projection_args
 
         # Checked on every call (generation disables adapters at run time), and kept: the
-        # fused forward takes these, its seeds drawn there.
-        projections = [projection_args(m, draw=False) for m in modules]
+        # fused forward takes these, with this forward's dropout seeds.
+        projections = [projection_args(m) for m in modules]
         stock = any(p is None for p in projections)
     if stock:
         return type(self).forward(self, hidden_states, *args, **kwargs)
@@ -108,16 +108,10 @@ def decoder_layer_forward(self, hidden_states, *args, **kwargs):
 
 
 def _fused_forward(self, projections: list[tuple], hidden_states, **kwargs):
-    """The fused nodes, given the layer's q, k, v, o, gate, up, down projection_args (seeds not
-    drawn)."""
-    from medqa_loop.kernels.patch import with_seed
-
-    # The dropout seeds are drawn in the stock forward's order: q, k, v here, o by its own routed
-    # forward below, then gate, up, down. A checkpointed layer's recompute restores the RNG
-    # state and draws them again.
+    """The fused nodes, given the layer's q, k, v, o, gate, up, down projection_args."""
     attn, ln1, ln2 = self.self_attn, self.input_layernorm, self.post_attention_layernorm
     modeling = sys.modules[type(attn).__module__]
-    q, k, v = [with_seed(p) for p in projections[:3]]
+    q, k, v = projections[:3]
     attention_mask = kwargs.pop("attention_mask", None)
     cos, sin = kwargs.pop("position_embeddings")
     kwargs.pop("cache", None), kwargs.pop("past_key_values", None)
@@ -142,6 +136,6 @@ def _fused_forward(self, projections: list[tuple], hidden_states, **kwargs):
     # the checks above found plain and unhooked
     hidden_states = hidden_states + attn.o_proj(out.reshape(*shape, -1).contiguous())
 
-    gate, up, down = [with_seed(p) for p in projections[4:]]
+    gate, up, down = projections[4:]
     h, down_lora = NormedSwiGLU.apply(hidden_states, ln2.weight, ln2.variance_epsilon, *gate, *up, *down)
     return hidden_states + BaseAfterLora.apply(h, down[0], down[1], down_lora)

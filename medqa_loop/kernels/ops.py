@@ -45,20 +45,26 @@ def backend(t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOAT):
     return reference
 
 
-def dropped(x, drop: tuple[int, int, int]):
-    return backend(x, (*FLOAT, torch.float64)).dropped(x, *drop)
+def _on(t: torch.Tensor, drop: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, int]:
+    """(seed, threshold) with the seed on t's device (the fast path's seeds already are)."""
+    seed, threshold = drop
+    return seed.to(t.device), threshold
 
 
-def dropped_linear(x, a, drop: tuple[int, int, int], scale: float):
-    return backend(x, HALF).dropped_linear(x, a, *drop, scale)
+def dropped(x, drop: tuple[torch.Tensor, int]):
+    return backend(x, (*FLOAT, torch.float64)).dropped(x, *_on(x, drop))
 
 
-def dropped_grad(g, x, drop: tuple[int, int, int]):
-    return backend(x, HALF).dropped_grad(g, x, *drop)
+def dropped_linear(x, a, drop: tuple[torch.Tensor, int], scale: float):
+    return backend(x, HALF).dropped_linear(x, a, *_on(x, drop), scale)
 
 
-def dropped_product(g, a, drop: tuple[int, int, int]):
-    return backend(g, HALF).dropped_product(g, a, *drop)
+def dropped_grad(g, x, drop: tuple[torch.Tensor, int]):
+    return backend(x, HALF).dropped_grad(g, x, *_on(x, drop))
+
+
+def dropped_product(g, a, drop: tuple[torch.Tensor, int]):
+    return backend(g, HALF).dropped_product(g, a, *_on(g, drop))
 
 
 def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch
 
 from medqa_loop.kernels import attention, decoder, ops
 from medqa_loop.kernels.autograd import BaseAfterLora, DequantLinear, LoraLinear, RMSNormFn, RotaryFn, SiluMul
+from medqa_loop.kernels.seeds import DropoutSeeds
 
 
 def int8_state(module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,10 +115,10 @@ def _plain_adapter(self) -> str | None:
     return names[0]
 
 
-def projection_args(module, draw: bool = True) -> tuple | None:
+def projection_args(module, seeded: bool = True) -> tuple | None:
     """The 8 arguments (autograd.PROJECTION_ARGS) the fused functions take for one projection:
-    a routed PEFT LoRA layer in the plain case (its dropout seed drawn when it trains with
-    dropout and ``draw``; else 0, for ``with_seed`` to draw later), or a frozen linear without
+    a routed PEFT LoRA layer in the plain case (with, when it trains with dropout and
+    ``seeded``, the running forward's seed for it: kernels.seeds), or a frozen linear without
     LoRA (a dequantized bitsandbytes layer or a plain Linear); None for anything else (LLM.int8,
     several adapters, a trained base...)."""
     if getattr(module.forward, "__func__", None) is _lora_forward:
@@ -126,24 +127,33 @@ def projection_args(module, draw: bool = True) -> tuple | None:
             return None
         dropout = module.lora_dropout[name]
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and module.training else 0.0
+        seed = module._medqa_seeds.seed(module._medqa_seed_slot) if p > 0 and seeded else None
         base = module.get_base_layer()
         w, scb = int8_state(base) if base.weight.dtype == torch.int8 else (base.weight, None)
-        args = w, scb, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name], p, 0
-        return with_seed(args) if draw else args
+        return w, scb, base.bias, module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name], p, seed
     if uses_dequant_matmul(module):
-        return (*int8_state(module), module.bias, None, None, 0.0, 0.0, 0)
+        return (*int8_state(module), module.bias, None, None, 0.0, 0.0, None)
     if type(module) is torch.nn.Linear and not module.weight.requires_grad:
-        return module.weight, None, module.bias, None, None, 0.0, 0.0, 0
+        return module.weight, None, module.bias, None, None, 0.0, 0.0, None
     return None
 
 
-def with_seed(args: tuple) -> tuple:
-    """One projection's arguments with a dropout seed drawn, where its LoRA trains with dropout."""
-    if args[6] == 0:  # p
-        return args
-    # Drawn from the global CPU generator: seeded runs repeat, and activation checkpointing
-    # (which restores the RNG state for its recompute) draws the same seed again.
-    return (*args[:7], int(torch.randint(2**62, ())))
+def dropout_seeds(model) -> DropoutSeeds | None:
+    """The LoRA dropout seeds of a model ``use_fused_ops`` patched (its DDP and PEFT wrappers
+    looked through), or None."""
+    for module in model.modules():
+        if getattr(module.forward, "__func__", None) is _seeding_forward:
+            return module._medqa_seeds
+    return None
+
+
+def _seeding_forward(self, *args, **kwargs):
+    """The decoder stack's forward, after drawing the LoRA dropout seeds of this forward where
+    it trains (kernels.seeds): once per forward of the model, never in a checkpointed layer's
+    recompute."""
+    if self.training:
+        self._medqa_seeds.draw(self.embed_tokens.weight.device)
+    return type(self).forward(self, *args, **kwargs)
 
 
 def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -208,9 +218,14 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
     from peft.tuners.lora import LoraLayer
 
     counts = {"lora": 0, "rmsnorm": 0, "mlp": 0, "rotary": 0, "loss_head": 0, "decoder_layer": 0}
+    seeds = DropoutSeeds()
     modules = list(model.modules())
     for module in modules:
         kind = type(module).__name__
+        if kind.endswith("ForCausalLM") and hasattr(module._modules.get("model"), "embed_tokens"):
+            stack = module.model  # the decoder stack: each forward draws the LoRA dropout seeds
+            stack._medqa_seeds = seeds
+            stack.forward = types.MethodType(_seeding_forward, stack)
         # transformers' causal LM itself, whose own child is a plain lm_head (not PEFT's wrapper,
         # which only forwards attribute reads to it, nor an lm_head LoRA trains)
         if kind.endswith("ForCausalLM") and type(module._modules.get("lm_head")) is torch.nn.Linear:
@@ -221,6 +236,7 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
             if base.weight.dtype == torch.int8 and not uses_dequant_matmul(base):
                 continue  # LLM.int8 was asked for
             module.forward = types.MethodType(_lora_forward, module)
+            module._medqa_seeds, module._medqa_seed_slot = seeds, seeds.slot()
             counts["lora"] += 1
         elif kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_rmsnorm_forward, module)

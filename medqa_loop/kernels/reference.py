@@ -15,7 +15,7 @@ r-wide tensors).
 
 The hash is the two-multiply 32-bit finalizer "[16 21f0aaad 15 735a2d97 15]" of Wellons' hash
 prospector (avalanche close to murmur3's), over ((index ^ lo) + hi) mod 2**32 with a 62-bit seed
-split in two 31-bit keys. Here it is computed in int64 with every product below 2**63 (the
+split in two 31-bit keys (lo, hi). Here it is computed in int64 with every product below 2**63 (the
 multipliers are below 2**31) and masked back to 32 bits; the Triton kernels compute it in
 wrapping uint32: the same bits, checked by a test.
 
@@ -54,46 +54,52 @@ def _hash32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 15)
 
 
-def dropout_args(p: float, seed: int, numel: int) -> tuple[int, int, int]:
-    """(low key, high key, threshold): the seed's two 31-bit halves, and the threshold on the
-    hash's top 31 bits below which an element is dropped (kept with probability 1 - p)."""
+def dropout_args(p: float, seed: int | torch.Tensor, numel: int) -> tuple[torch.Tensor, int]:
+    """(seed, threshold): the 62-bit seed as a 0-d int64 tensor (the fast path's seeds already are
+    one, on the device: ``kernels.seeds``), and the threshold on the hash's top 31 bits below
+    which an element is dropped (kept with probability 1 - p). The kernels split the seed into
+    its two 31-bit keys themselves, so a replayed CUDA graph reads each replay's seed."""
     if numel > 2**32:
         raise ValueError(f"dropout over {numel} elements: the 32-bit hash index would repeat")
-    return seed & _M31, (seed >> 31) & _M31, round(p * 2**31)
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64)
+    return seed, round(p * 2**31)
 
 
-def _keep(x: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
+def _keep(x: torch.Tensor, seed: torch.Tensor, threshold: int) -> torch.Tensor:
+    seed = seed.to(x.device)
+    lo, hi = seed & _M31, (seed >> 31) & _M31
     index = torch.arange(x.numel(), device=x.device).view(x.shape)
     return (_hash32(((index ^ lo) + hi) & _M32) >> 1) >= threshold
 
 
-def keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def keep_mask(x: torch.Tensor, p: float, seed: int | torch.Tensor) -> torch.Tensor:
     """The keep mask over x's shape (bool; x's values are not read) for a rate p and a seed."""
     return _keep(x, *dropout_args(p, seed, x.numel()))
 
 
-def dropped(x: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
+def dropped(x: torch.Tensor, seed: torch.Tensor, threshold: int) -> torch.Tensor:
     """x with the dropped elements zeroed (elements indexed in x's row-major order, whatever its
     strides)."""
-    return x * _keep(x, lo, hi, threshold)
+    return x * _keep(x, seed, threshold)
 
 
-def dropped_linear(x: torch.Tensor, a: torch.Tensor, lo: int, hi: int, threshold: int, scale: float) -> torch.Tensor:
+def dropped_linear(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
     """scale * dropped(x) a^T in x's dtype, for x [rows, cols] and a [rank, cols] (cast to x's
     dtype): LoRA's A side with dropout."""
-    return F.linear(dropped(x, lo, hi, threshold), a.to(x.dtype)).mul_(scale)
+    return F.linear(dropped(x, seed, threshold), a.to(x.dtype)).mul_(scale)
 
 
-def dropped_grad(g: torch.Tensor, x: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
+def dropped_grad(g: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, threshold: int) -> torch.Tensor:
     """g^T dropped(x), in at least fp32, for g [rows, rank] and x [rows, cols]: A's gradient."""
-    return (g.t() @ dropped(x, lo, hi, threshold)).to(torch.promote_types(x.dtype, torch.float32))
+    return (g.t() @ dropped(x, seed, threshold)).to(torch.promote_types(x.dtype, torch.float32))
 
 
-def dropped_product(g: torch.Tensor, a: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
+def dropped_product(g: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, threshold: int) -> torch.Tensor:
     """dropped(g a) in g's dtype, for g [rows, rank] and a [rank, cols] (cast to g's dtype): the
     LoRA part of x's gradient, zero where the forward dropped x (the mask over [rows, cols], x's
     shape)."""
-    return dropped(g @ a.to(g.dtype), lo, hi, threshold)
+    return dropped(g @ a.to(g.dtype), seed, threshold)
 
 
 # -- int8 dequantization ------------------------------------------------------------------------

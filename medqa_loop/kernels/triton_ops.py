@@ -38,6 +38,14 @@ _BLOCK = 2048
 
 
 @triton.jit
+def _seed_keys(seed_ptr):
+    # The seed's two 31-bit halves (reference.dropout_args), read from the device: the seed of a
+    # replayed CUDA graph changes between replays, a kernel argument could not.
+    seed = tl.load(seed_ptr)
+    return seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF
+
+
+@triton.jit
 def _keep(index, lo, hi, threshold):
     # uint32 wraps like the reference's "& 0xFFFFFFFF"; unsigned shifts are logical.
     h = (index.to(tl.uint32) ^ lo.to(tl.uint32)) + hi.to(tl.uint32)
@@ -47,10 +55,10 @@ def _keep(index, lo, hi, threshold):
     return (h >> 1).to(tl.int64) >= threshold
 
 
-# The keys and threshold change every call: not specializing on their values keeps one
-# compiled kernel (they stay below 2**31, so their type does not change either).
-@triton.jit(do_not_specialize=["lo", "hi", "threshold"])
-def _dropped_kernel(x_ptr, out_ptr, n, lo, hi, threshold, BLOCK: tl.constexpr):
+# The threshold is not specialized on (one compiled kernel whatever the dropout rate).
+@triton.jit(do_not_specialize=["threshold"])
+def _dropped_kernel(x_ptr, out_ptr, n, seed_ptr, threshold, BLOCK: tl.constexpr):
+    lo, hi = _seed_keys(seed_ptr)
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = index < n
     x = tl.load(x_ptr + index, mask=inside)
@@ -67,11 +75,12 @@ def _dropped_kernel(x_ptr, out_ptr, n, lo, hi, threshold, BLOCK: tl.constexpr):
     ],
     key=["cols", "rank"],
 )
-@triton.jit(do_not_specialize=["rows", "lo", "hi", "threshold"])
-def _dropped_linear_kernel(x_ptr, a_ptr, out_ptr, rows, cols, rank, lo, hi, threshold, scale,
+@triton.jit(do_not_specialize=["rows", "threshold"])
+def _dropped_linear_kernel(x_ptr, a_ptr, out_ptr, rows, cols, rank, seed_ptr, threshold, scale,
                            R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     # out[rows, rank] = scale * (keep * x)[rows, cols] @ a[rank, cols]^T, fp32 accumulation;
     # R = rank padded to a power of two >= 16 (tl.dot's minimum), the padding masked off.
+    lo, hi = _seed_keys(seed_ptr)
     m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     r = tl.arange(0, R)
     acc = tl.zeros((BM, R), dtype=tl.float32)
@@ -86,11 +95,12 @@ def _dropped_linear_kernel(x_ptr, a_ptr, out_ptr, rows, cols, rank, lo, hi, thre
     tl.store(out_ptr + m[:, None] * rank + r[None, :], out, mask=(m < rows)[:, None] & (r < rank)[None, :])
 
 
-@triton.jit(do_not_specialize=["rows", "lo", "hi", "threshold"])
-def _dropped_grad_kernel(g_ptr, x_ptr, out_ptr, rows, cols, rank, rows_per_split, lo, hi, threshold,
+@triton.jit(do_not_specialize=["rows", "threshold"])
+def _dropped_grad_kernel(g_ptr, x_ptr, out_ptr, rows, cols, rank, rows_per_split, seed_ptr, threshold,
                          R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
     # out[split, rank, cols] (fp32) = g[rows of the split, rank]^T @ (keep * x)[rows of the split, cols]:
     # A's gradient, its sum over tokens split so that there are enough programs to fill the GPU.
+    lo, hi = _seed_keys(seed_ptr)
     n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     split = tl.program_id(1).to(tl.int64)
     r = tl.arange(0, R)
@@ -108,11 +118,12 @@ def _dropped_grad_kernel(g_ptr, x_ptr, out_ptr, rows, cols, rank, rows_per_split
     tl.store(out_ptr + at, acc, mask=(r < rank)[:, None] & (n < cols)[None, :])
 
 
-@triton.jit(do_not_specialize=["rows", "lo", "hi", "threshold"])
-def _dropped_product_kernel(g_ptr, a_ptr, out_ptr, rows, cols, rank, lo, hi, threshold,
+@triton.jit(do_not_specialize=["rows", "threshold"])
+def _dropped_product_kernel(g_ptr, a_ptr, out_ptr, rows, cols, rank, seed_ptr, threshold,
                             R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     # out[rows, cols] = keep * (g[rows, rank] @ a[rank, cols]): one rank-wide dot per tile, so
     # the pass is the write of out alone.
+    lo, hi = _seed_keys(seed_ptr)
     m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     r = tl.arange(0, R)
@@ -135,10 +146,10 @@ def _dequantize_kernel(cb_ptr, scb_ptr, out_ptr, rows, cols, BM: tl.constexpr, B
     tl.store(out_ptr + at, (q * scale[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def dropped(x: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
+def dropped(x: torch.Tensor, seed: torch.Tensor, threshold: int) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
-    _dropped_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, out, x.numel(), lo, hi, threshold, BLOCK=_BLOCK)
+    _dropped_kernel[(triton.cdiv(x.numel(), _BLOCK),)](x, out, x.numel(), seed, threshold, BLOCK=_BLOCK)
     return out
 
 
@@ -151,18 +162,18 @@ def _rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def dropped_linear(x: torch.Tensor, a: torch.Tensor, lo: int, hi: int, threshold: int, scale: float) -> torch.Tensor:
+def dropped_linear(x: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
     x = x.contiguous()
     rows, cols = x.shape
     rank = a.size(0)
     out = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
     _dropped_linear_kernel[lambda meta: (triton.cdiv(rows, meta["BM"]),)](
-        x, a.contiguous(), out, rows, cols, rank, lo, hi, threshold, scale, R=_rank_block(rank)
+        x, a.contiguous(), out, rows, cols, rank, seed, threshold, scale, R=_rank_block(rank)
     )
     return out
 
 
-def dropped_grad(g: torch.Tensor, x: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
+def dropped_grad(g: torch.Tensor, x: torch.Tensor, seed: torch.Tensor, threshold: int) -> torch.Tensor:
     g, x = g.contiguous(), x.contiguous()
     rows, cols = x.shape
     rank = g.size(1)
@@ -172,18 +183,18 @@ def dropped_grad(g: torch.Tensor, x: torch.Tensor, lo: int, hi: int, threshold: 
     splits = triton.cdiv(rows, rows_per_split)
     partial = torch.empty(splits, rank, cols, dtype=torch.float32, device=x.device)
     _dropped_grad_kernel[(tiles, splits)](
-        g, x, partial, rows, cols, rank, rows_per_split, lo, hi, threshold, R=_rank_block(rank), BT=64, BN=128
+        g, x, partial, rows, cols, rank, rows_per_split, seed, threshold, R=_rank_block(rank), BT=64, BN=128
     )
     return partial.sum(0)
 
 
-def dropped_product(g: torch.Tensor, a: torch.Tensor, lo: int, hi: int, threshold: int) -> torch.Tensor:
+def dropped_product(g: torch.Tensor, a: torch.Tensor, seed: torch.Tensor, threshold: int) -> torch.Tensor:
     g, a = g.contiguous(), a.contiguous()
     rows, rank = g.shape
     cols = a.size(1)
     out = torch.empty(rows, cols, dtype=g.dtype, device=g.device)
     _dropped_product_kernel[(triton.cdiv(rows, 64), triton.cdiv(cols, 128))](
-        g, a, out, rows, cols, rank, lo, hi, threshold, R=_rank_block(rank), BM=64, BN=128
+        g, a, out, rows, cols, rank, seed, threshold, R=_rank_block(rank), BM=64, BN=128
     )
     return out
 

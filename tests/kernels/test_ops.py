@@ -1,6 +1,6 @@
 """The fast path's one switch (medqa_loop.kernels.ops): on the CPU every small kernel is the eager
-reference (medqa_loop.kernels.reference), and the dropout kernels take the packed (lo, hi,
-threshold) tuple that the reference and Triton functions take unpacked."""
+reference (medqa_loop.kernels.reference), and the dropout kernels take the packed (seed,
+threshold) pair that the reference and Triton functions take unpacked."""
 
 import pytest
 import torch
@@ -67,20 +67,20 @@ def test_dequantize_to_a_dtype_no_kernel_takes_is_the_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_packed_dropout_ops_equal_the_reference_with_the_ints_unpacked(dtype, monkeypatch):
+def test_packed_dropout_ops_equal_the_reference_with_the_args_unpacked(dtype, monkeypatch):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(30, 40, generator=gen).to(dtype)
     a = torch.randn(6, 40, generator=gen)  # fp32, as LoRA's A
     g = torch.randn(30, 6, generator=gen).to(dtype)
     drop = dropout_args(0.3, 2**40 + 11, x.numel())
-    lo, hi, threshold = drop
+    seed, threshold = drop
     keep = keep_mask(x, 0.3, 2**40 + 11)
     assert 0 < keep.sum() < keep.numel()  # the mask drops some and keeps some
     cases = {
-        "dropped": ((x, drop), (x, lo, hi, threshold)),
-        "dropped_linear": ((x, a, drop, 1.5), (x, a, lo, hi, threshold, 1.5)),
-        "dropped_grad": ((g, x, drop), (g, x, lo, hi, threshold)),
-        "dropped_product": ((g, a, drop), (g, a, lo, hi, threshold)),
+        "dropped": ((x, drop), (x, seed, threshold)),
+        "dropped_linear": ((x, a, drop, 1.5), (x, a, seed, threshold, 1.5)),
+        "dropped_grad": ((g, x, drop), (g, x, seed, threshold)),
+        "dropped_product": ((g, a, drop), (g, a, seed, threshold)),
     }
     for name, (packed, unpacked) in cases.items():
         want = getattr(reference, name)(*unpacked)
@@ -88,7 +88,7 @@ def test_packed_dropout_ops_equal_the_reference_with_the_ints_unpacked(dtype, mo
         real = getattr(reference, name)
         monkeypatch.setattr(reference, name, lambda *args, real=real, seen=seen: seen.append(args) or real(*args))
         got = getattr(ops, name)(*packed)
-        # called once, with the very tensors, the three ints of ``drop`` and the scale, in order
+        # called once, with the very tensors, the seed tensor and threshold of ``drop`` and the scale, in order
         assert len(seen) == 1 and all(s is u for s, u in zip(seen[0], unpacked, strict=True)), name
         assert torch.equal(got, want), name
     # The mask is the one the seed gives: dropped elements are zero, kept ones untouched.
