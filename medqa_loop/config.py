@@ -73,8 +73,8 @@ class ModelConfig:
     # Each packed training micro-batch's forward and backward replayed as one CUDA graph
     # (medqa_loop.kernels.graphs): the CPU's ~0.3 s a micro-batch becomes one launch, so small
     # rows run at the GPU's pace. Rows are padded to a multiple of 512 tokens (no loss there).
-    # "auto" = on CUDA with fused_ops, packing, one process and debug mode off; true = as auto,
-    # an error where it cannot run.
+    # "auto" = on CUDA with fused_ops, varlen attention in bf16/fp16, packing into rows of up to
+    # 4096 tokens, one process, debug mode off; true = at any row size, an error where it cannot run.
     cuda_graphs: bool | str = "auto"
     # Mistral is native to transformers: running code from the hub is opt-in only.
     trust_remote_code: bool = False

@@ -23,7 +23,8 @@ A graph replays fixed shapes at fixed addresses, so:
 
 The first micro-batch of each size runs eagerly (padded, its loss and gradients counted like
 any other), which also runs Triton's autotuning and cuBLAS's set-up outside the capture, and is
-then captured. A capture that fails leaves graphs off for the run with a warning; the step is
+then captured; both in the graphs' memory pool and on their stream, so the capture reuses the
+eager run's activation memory instead of holding its own beside it. A capture that fails leaves graphs off for the run with a warning; the step is
 unaffected (a capture records kernels without running them).
 
 Not covered, so the loop runs eagerly: several processes (DDP's gradient hooks run in Python
@@ -40,6 +41,10 @@ import torch
 from medqa_loop.batching import Batch
 
 ROW_MULTIPLE = 512  # tokens: the padded sizes of the captured graphs
+# model.cuda_graphs=auto uses graphs for rows of up to this many tokens (data.pack_tokens). In
+# larger rows the GPU, not the CPU, sets the pace eagerly too, and the padding costs more than the
+# launches save (BENCHMARKS.md).
+AUTO_MAX_ROW = 4096
 
 
 def graphs_unsupported(cfg, device=None, world: int = 1) -> str | None:
@@ -62,13 +67,16 @@ def graphs_unsupported(cfg, device=None, world: int = 1) -> str | None:
 
 
 def use_graphs(cfg, device, world: int) -> bool:
-    """``model.cuda_graphs`` for this run: auto = wherever they can run; true = there, and a
-    ConfigError elsewhere (before the base is loaded)."""
+    """``model.cuda_graphs`` for this run: auto = wherever they can run, for rows of up to
+    AUTO_MAX_ROW tokens; true = wherever they can run, and a ConfigError elsewhere (before the
+    base is loaded)."""
     from medqa_loop.config import ConfigError
 
     why = graphs_unsupported(cfg, device, world)
     if cfg.model.cuda_graphs is True and why is not None:
         raise ConfigError(f"model.cuda_graphs=true, but {why}; set model.cuda_graphs=auto or false")
+    if cfg.model.cuda_graphs == "auto" and cfg.data.pack_tokens > AUTO_MAX_ROW:
+        return False
     return cfg.model.cuda_graphs is not False and why is None
 
 
@@ -135,7 +143,8 @@ class MicroBatchGraphs:
         self.pair_tokens = max(lengths)  # no pair is longer: FlashAttention's grid covers each
         self.seeds = dropout_seeds(model)
         self.graphs: dict[int, _Captured] = {}
-        self.pool = None  # the graphs' shared memory pool
+        self.pool: torch.cuda.MemPool | None = None  # the graphs' memory, and their eager first runs'
+        self.stream: torch.cuda.Stream | None = None  # where those run and the graphs are captured
         self.grads: list[torch.Tensor] | None = None  # the .grad tensors the graphs accumulate into
         self.scale: torch.Tensor | None = None
         self.seed_buffer: torch.Tensor | None = None
@@ -173,8 +182,19 @@ class MicroBatchGraphs:
     def _run_eagerly_then_capture(self, tokens: int, row: dict, scale: torch.Tensor) -> torch.Tensor:
         from medqa_loop.model import model_loss_sum
 
-        loss = model_loss_sum(self.model, row)
-        (loss * scale.to(loss.dtype)).backward()
+        if self.pool is None:
+            self.pool, self.stream = torch.cuda.MemPool(), torch.cuda.Stream()
+        # Eagerly on the stream the graphs are captured on, as PyTorch's capture recipe has it:
+        # the autograd nodes that accumulate the gradients must not be the default stream's. In
+        # the graphs' pool, so that its activations are the memory the capture then reuses (in
+        # the default pool they would be held beside it: twice the activations reserved).
+        side, current = self.stream, torch.cuda.current_stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side), torch.cuda.use_mem_pool(self.pool):
+            loss = model_loss_sum(self.model, row)
+            (loss * scale.to(loss.dtype)).backward()
+            loss = loss.detach()  # its autograd graph released before the capture makes its own
+        current.wait_stream(side)
         if self.off is None:
             try:
                 self._capture(tokens, row)
@@ -182,7 +202,7 @@ class MicroBatchGraphs:
                 self.off = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 self.graphs.clear()
                 warnings.warn(f"CUDA graph capture failed, micro-batches run eagerly from here on ({self.off})")
-        return loss.detach()
+        return loss.clone()
 
     def _capture(self, tokens: int, row: dict) -> None:
         from medqa_loop.model import model_loss_sum
@@ -193,12 +213,9 @@ class MicroBatchGraphs:
             self.scale = torch.ones((), device=device)
             self.seed_buffer = torch.zeros(self.seeds.count, dtype=torch.int64, device=device)
         inputs = {k: v.clone() for k, v in row.items() if isinstance(v, torch.Tensor)}
-        # (torch.cuda.graph synchronizes and empties the cache first: the eager run's cached
-        # blocks, which the graph's pool could not use.)
         graph = torch.cuda.CUDAGraph()
-        with self.seeds.captured(self.seed_buffer), torch.cuda.graph(graph, pool=self.pool):
+        with self.seeds.captured(self.seed_buffer), torch.cuda.graph(graph, pool=self.pool.id, stream=self.stream):
             loss = model_loss_sum(self.model, {**inputs, "longest_pair": row["longest_pair"]})
             (loss * self.scale).backward()
-        self.pool = graph.pool()
         self.graphs[tokens] = _Captured(graph, inputs, loss.detach())
         self.say(f"CUDA graph captured for rows of {tokens} tokens")

@@ -148,11 +148,9 @@ def dropout_seeds(model) -> DropoutSeeds | None:
 
 
 def _seeding_forward(self, *args, **kwargs):
-    """The decoder stack's forward, after drawing the LoRA dropout seeds of this forward where
-    it trains (kernels.seeds): once per forward of the model, never in a checkpointed layer's
-    recompute."""
-    if self.training:
-        self._medqa_seeds.draw(self.embed_tokens.weight.device)
+    """The decoder stack's forward, after drawing the LoRA dropout seeds of this forward
+    (kernels.seeds): once per forward of the model, never in a checkpointed layer's recompute."""
+    self._medqa_seeds.draw(self.embed_tokens.weight.device)
     return type(self).forward(self, *args, **kwargs)
 
 
@@ -236,7 +234,7 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
             if base.weight.dtype == torch.int8 and not uses_dequant_matmul(base):
                 continue  # LLM.int8 was asked for
             module.forward = types.MethodType(_lora_forward, module)
-            module._medqa_seeds, module._medqa_seed_slot = seeds, seeds.slot()
+            module._medqa_seeds, module._medqa_seed_slot = seeds, seeds.slot(module)
             counts["lora"] += 1
         elif kind.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_rmsnorm_forward, module)

@@ -23,13 +23,17 @@ import torch
 
 class DropoutSeeds:
     def __init__(self) -> None:
-        self.count = 0  # slots handed out by ``slot``
+        self.modules: list[torch.nn.Module] = []  # the LoRA linears, by slot
         self.current: torch.Tensor | None = None  # [count] int64 on the device: the running forward's
         self._captured: torch.Tensor | None = None  # while a CUDA graph is captured: its seed buffer
 
-    def slot(self) -> int:
-        """A new projection's index into each forward's seeds."""
-        self.count += 1
+    @property
+    def count(self) -> int:
+        return len(self.modules)
+
+    def slot(self, module: torch.nn.Module) -> int:
+        """A LoRA linear's index into each forward's seeds."""
+        self.modules.append(module)
         return self.count - 1
 
     def seed(self, slot: int) -> torch.Tensor:
@@ -37,9 +41,10 @@ class DropoutSeeds:
         return self.current[slot]
 
     def draw(self, device: torch.device) -> None:
-        """At the start of a training forward: new seeds for every slot. While a graph is being
-        captured, none: the graph reads the buffer each replay refills (``refill``)."""
-        if self._captured is None and self.count:
+        """At the start of each forward: new seeds for every slot, where any of the LoRA linears
+        trains (evaluation draws none). While a graph is being captured, none: the graph reads
+        the buffer each replay refills (``refill``)."""
+        if self._captured is None and any(m.training for m in self.modules):
             self.current = self._drawn(device).to(device, non_blocking=True)
 
     def refill(self, buffer: torch.Tensor) -> None:

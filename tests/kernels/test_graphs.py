@@ -105,9 +105,11 @@ def test_cuda_graphs_true_where_they_cannot_run_fails_before_the_model_loads(tin
         assert not (tmp_path / "run" / "base").exists()  # no model was built or loaded
     with pytest.raises(ConfigError, match="model.dtype=float32"):
         tiny_cfg("model.cuda_graphs=true")  # the tiny preset's fp32: no FlashAttention
-    auto = prepare_run(tiny_cfg(f"output_dir={tmp_path / 'auto'}", "model.dtype=bfloat16"))
+    auto = prepare_run(tiny_cfg(f"output_dir={tmp_path / 'auto'}", "model.dtype=bfloat16", "data.pack_tokens=2048"))
     assert (auto.graphs is not None) == torch.cuda.is_available()
     assert auto.data_stats["cuda_graphs"] == torch.cuda.is_available()
+    large = prepare_run(tiny_cfg(f"output_dir={tmp_path / 'large'}", "model.dtype=bfloat16", "data.pack_tokens=8192"))
+    assert large.graphs is None  # auto: rows this large run eagerly
 
 
 @pytest.mark.cuda
