@@ -184,6 +184,13 @@ class MicroBatchGraphs:
 
         if self.pool is None:
             self.pool, self.stream = torch.cuda.MemPool(), torch.cuda.Stream()
+            # The buffers that outlive a micro-batch live outside the pool, which then holds
+            # only what the graphs make and use within one.
+            device = self.params[0].device
+            self.grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+            self._bind_grads()
+            self.scale = torch.ones((), device=device)
+            self.seed_buffer = torch.zeros(self.seeds.count, dtype=torch.int64, device=device)
         # Eagerly on the stream the graphs are captured on, as PyTorch's capture recipe has it:
         # the autograd nodes that accumulate the gradients must not be the default stream's. In
         # the graphs' pool, so that its activations are the memory the capture then reuses (in
@@ -207,11 +214,6 @@ class MicroBatchGraphs:
     def _capture(self, tokens: int, row: dict) -> None:
         from medqa_loop.model import model_loss_sum
 
-        if self.grads is None:  # the eager backward just made them
-            self.grads = [p.grad for p in self.params]
-            device = self.grads[0].device
-            self.scale = torch.ones((), device=device)
-            self.seed_buffer = torch.zeros(self.seeds.count, dtype=torch.int64, device=device)
         inputs = {k: v.clone() for k, v in row.items() if isinstance(v, torch.Tensor)}
         graph = torch.cuda.CUDAGraph()
         with self.seeds.captured(self.seed_buffer), torch.cuda.graph(graph, pool=self.pool.id, stream=self.stream):
