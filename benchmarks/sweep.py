@@ -16,12 +16,16 @@ make, by own time; cProfile slows Python, so read it as shares).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bench import code_digest, prepare  # benchmarks/ is on sys.path when this file runs as a script
 from medqa_loop.batching import accumulation_windows, epoch_order, window_batches
 from medqa_loop.config import load_config
 from medqa_loop.debug.profiling import report
@@ -55,8 +59,6 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out)
     if not (a.base and a.tokenizer and a.data):
-        from bench import prepare  # benchmarks/ is on sys.path when this file runs as a script
-
         a.base, a.tokenizer, a.data = prepare(Path(a.workdir), 470, 0.45)
     cfg = load_config("recipe", [
         f"output_dir={out / 'sweep-run'}", f"model.name_or_path={a.base}", f"model.tokenizer={a.tokenizer}",
@@ -70,6 +72,8 @@ def main() -> None:
     n_layers = parts.model.get_base_model().config.num_hidden_layers
     plans = [(n_layers, a.tokens)] + [(int(k), a.tokens) for k in a.checkpoint_layers.split(",") if k] + [(0, a.tokens_nogc)]
     rows = []
+    stamp = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "code": code_digest(),
+             "command": shlex.join(["python", *sys.argv])}
     params = [q for q in model.parameters() if q.requires_grad]
     ways = [True, False] if a.eager_too else [parts.graphs is not None]
     for layers, budgets in plans:
@@ -96,14 +100,16 @@ def main() -> None:
                             tokens += int(counts[2])
                             if a.repeat:
                                 repeats.append(round(optimizer_window(parts, cfg, window, graphs)[0], 4))
-                    row = {**setting, "samples_per_s": pairs / sum(walls), "tokens_per_s": tokens / sum(walls),
+                    row = {**stamp, **setting, "samples_per_s": pairs / sum(walls), "tokens_per_s": tokens / sum(walls),
+                           # with --repeat: the same windows again, every graph and matmul shape seen
+                           **({"repeat_samples_per_s": pairs / sum(repeats)} if repeats else {}),
                            "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
                            "reserved_gb": torch.cuda.max_memory_reserved() / 1e9, "max_row_tokens": longest,
                            "graphs_captured": sorted(graphs.graphs) if graphs else None,
                            "window_s": walls, "launch_s": launches, **({"repeat_s": repeats} if repeats else {})}
                 except torch.OutOfMemoryError:
                     parts.optimizer.zero_grad(set_to_none=True)
-                    row = {**setting, "oom": True}
+                    row = {**stamp, **setting, "oom": True}
                 del graphs
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -182,7 +188,8 @@ def plot(rows: list[dict], path: Path, gpu: str) -> None:
             label += ", CUDA graphs" if graphed else ", eager"
             # what the GPU holds for the process (the graphs' pool included)
             mem.plot([r["tokens_per_micro_batch"] for r in ok], [r.get("reserved_gb", r["peak_gb"]) for r in ok], style, label=label)
-            speed.plot([r["tokens_per_micro_batch"] for r in ok], [r["samples_per_s"] for r in ok], style, label=label)
+            speed.plot([r["tokens_per_micro_batch"] for r in ok],
+                       [r.get("repeat_samples_per_s", r["samples_per_s"]) for r in ok], style, label=label)
     for gb in (16, 24):
         mem.axhline(gb, color="grey", lw=0.8, ls=":")
     for ax, title in ((mem, "peak GPU memory reserved (GB)"), (speed, "samples/s (16 pairs a step)")):
