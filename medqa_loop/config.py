@@ -335,10 +335,9 @@ def _validate(cfg: Config) -> None:
     if m.cuda_graphs not in ("auto", True, False):
         raise ConfigError(f"config key 'model.cuda_graphs' must be auto, true or false; got {m.cuda_graphs!r}")
     if m.cuda_graphs is True:
-        from medqa_loop.kernels.graphs import graphs_unsupported
+        from medqa_loop.kernels.graphs import use_graphs
 
-        if (why := graphs_unsupported(cfg)) is not None:
-            raise ConfigError(f"config key 'model.cuda_graphs' is true, but {why}; set it to auto or false")
+        use_graphs(cfg)  # what the config alone rules out; the device and processes when the run starts
     if m.memory_limit_gb is not None and (
         isinstance(m.memory_limit_gb, bool) or not isinstance(m.memory_limit_gb, (int, float)) or m.memory_limit_gb <= 0
     ):

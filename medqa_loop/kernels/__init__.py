@@ -10,6 +10,10 @@ and with less kept for backward. Four layers, each knowing only the ones below i
                  Triton kernels (triton_ops.py) against.
 
 attention.py is the packed-pair attention (FlashAttention varlen on CUDA, one SDPA per pair
-elsewhere). ``model.fused_ops``, ``model.int8_matmul`` and ``model.attn_implementation`` choose
-what is patched in; with all three off the model is transformers' and PEFT's own.
+elsewhere); seeds.py, each forward's LoRA dropout seeds, which the kernels read on the device.
+``model.fused_ops``, ``model.int8_matmul`` and ``model.attn_implementation`` choose what is
+patched in; with all three off the model is transformers' and PEFT's own.
+
+graphs.py sits above them all: the loop's micro-batch (forward and backward of the patched
+model) captured as CUDA graphs and replayed (``model.cuda_graphs``).
 """

@@ -2,8 +2,8 @@
 
 Eager, a packed micro-batch costs the CPU ~0.28 s whatever its size: ~1,500 Triton launches and
 ~160 autograd nodes for Mistral-7B's 32 layers. Below ~6k tokens a row that is more than the GPU
-needs for it, so small rows ran slower than large ones (BENCHMARKS.md). Captured once, the same
-kernels replay from one launch.
+takes to run them, so small rows ran slower than large ones (BENCHMARKS.md). Captured once, the
+same kernels replay from one launch.
 
 A graph replays fixed shapes at fixed addresses, so:
 
@@ -24,8 +24,9 @@ A graph replays fixed shapes at fixed addresses, so:
 The first micro-batch of each size runs eagerly (padded, its loss and gradients counted like
 any other), which also runs Triton's autotuning and cuBLAS's set-up outside the capture, and is
 then captured; both in the graphs' memory pool and on their stream, so the capture reuses the
-eager run's activation memory instead of holding its own beside it. A capture that fails leaves graphs off for the run with a warning; the step is
-unaffected (a capture records kernels without running them).
+eager run's activation memory instead of holding its own beside it. A capture that fails leaves
+graphs off for the run with a warning; the step is unaffected (a capture records kernels
+without running them).
 
 Not covered, so the loop runs eagerly: several processes (DDP's gradient hooks run in Python
 during backward, which a replay skips), padded batches, and debug mode (its hooks on modules).
@@ -66,15 +67,16 @@ def graphs_unsupported(cfg, device=None, world: int = 1) -> str | None:
     return None
 
 
-def use_graphs(cfg, device, world: int) -> bool:
-    """``model.cuda_graphs`` for this run: auto = wherever they can run, for rows of up to
-    AUTO_MAX_ROW tokens; true = wherever they can run, and a ConfigError elsewhere (before the
-    base is loaded)."""
+def use_graphs(cfg, device=None, world: int = 1) -> bool:
+    """``model.cuda_graphs`` for this run (on ``device`` with ``world`` processes, where given):
+    auto = wherever they can run, for rows of up to AUTO_MAX_ROW tokens; true = wherever they can
+    run, and a ConfigError elsewhere (loading the config checks what it can, the run the rest,
+    before the base is loaded)."""
     from medqa_loop.config import ConfigError
 
     why = graphs_unsupported(cfg, device, world)
     if cfg.model.cuda_graphs is True and why is not None:
-        raise ConfigError(f"model.cuda_graphs=true, but {why}; set model.cuda_graphs=auto or false")
+        raise ConfigError(f"config key 'model.cuda_graphs' is true, but {why}; set it to auto or false")
     if cfg.model.cuda_graphs == "auto" and cfg.data.pack_tokens > AUTO_MAX_ROW:
         return False
     return cfg.model.cuda_graphs is not False and why is None
@@ -142,7 +144,8 @@ class MicroBatchGraphs:
         self.model, self.params, self.lengths, self.pad_id, self.say = model, params, lengths, pad_id, say
         self.pair_tokens = max(lengths)  # no pair is longer: FlashAttention's grid covers each
         self.seeds = dropout_seeds(model)
-        self.graphs: dict[int, _Captured] = {}
+        self.graphs: dict[int, _Captured] = {}  # by padded row size
+        self.slots: dict[int, int] = {}  # pair boundaries a row of each size has room for (row_slots)
         self.pool: torch.cuda.MemPool | None = None  # the graphs' memory, and their eager first runs'
         self.stream: torch.cuda.Stream | None = None  # where those run and the graphs are captured
         self.grads: list[torch.Tensor] | None = None  # the .grad tensors the graphs accumulate into
@@ -152,7 +155,9 @@ class MicroBatchGraphs:
 
     def run(self, batch: Batch, scale: torch.Tensor) -> torch.Tensor:
         tokens = padded_tokens(batch["input_ids"].size(1))
-        row = padded_row(batch, tokens, row_slots(self.lengths, tokens, self.pair_tokens), self.pair_tokens, self.pad_id)
+        if tokens not in self.slots:
+            self.slots[tokens] = row_slots(self.lengths, tokens, self.pair_tokens)
+        row = padded_row(batch, tokens, self.slots[tokens], self.pair_tokens, self.pad_id)
         self._bind_grads()
         captured = self.graphs.get(tokens)
         if captured is None:

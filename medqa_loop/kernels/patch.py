@@ -17,7 +17,9 @@ its rotary function swapped (``_with_fused_rotary``). The swaps:
   (``ops.linear_cross_entropy_sum``), never computing a logit elsewhere or keeping one. Then
   each Mistral or Llama decoder layer whose projections those swaps routed gets
   ``medqa_loop.kernels.decoder``'s forward: the whole layer as four fused nodes (less memory a
-  token, less CPU time), which runs the per-module path above where it might differ.
+  token, less CPU time), which runs the per-module path above where it might differ. The
+  decoder stack's forward draws each forward's LoRA dropout seeds first (``_seeding_forward``,
+  ``medqa_loop.kernels.seeds``).
 * ``register_varlen_attention`` (``model.attn_implementation: varlen``): the packed-pair attention
   of ``medqa_loop.kernels.attention`` under that name in transformers' attention registry.
 """
