@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from medqa_loop import hub
-from medqa_loop.checkpoint.writer import CheckpointWriter, host_copy
+from medqa_loop.checkpoint.writer import IN_CALLER, CheckpointWriter, host_copy
 from medqa_loop.config import Config, ModelConfig, load_config
 from medqa_loop.model import check_model_source, load_base, load_tokenizer
 
@@ -56,15 +56,14 @@ def write_adapter(accelerator, model, weights: dict[str, torch.Tensor], out_dir:
         tokenizer.save_pretrained(out_dir)
 
 
-def save_adapter(accelerator, model, out_dir: Path, tokenizer=None, writer: CheckpointWriter | None = None) -> Path:
+def save_adapter(accelerator, model, out_dir: Path, tokenizer=None, writer: CheckpointWriter = IN_CALLER) -> Path:
     """Save the LoRA weights as they are now (and the tokenizer, so the directory is usable on its
-    own): the main process writes, through ``writer`` if given (in the background), else at once."""
+    own): the main process writes, through ``writer`` (the loop's: in the background; by default
+    at once)."""
     out_dir = Path(out_dir)
     if accelerator.is_main_process:
         weights = adapter_weights(accelerator, model)
-        (writer or CheckpointWriter(background=False)).submit(
-            "the adapter", out_dir, lambda: write_adapter(accelerator, model, weights, out_dir, tokenizer)
-        )
+        writer.submit("the adapter", out_dir, lambda: write_adapter(accelerator, model, weights, out_dir, tokenizer))
     return out_dir
 
 
@@ -80,7 +79,7 @@ BEST = "best"
 
 
 def save_best_adapter(
-    accelerator, model, out: Path, tokenizer, step: int, eval_loss: float, writer: CheckpointWriter | None = None
+    accelerator, model, out: Path, tokenizer, step: int, eval_loss: float, writer: CheckpointWriter = IN_CALLER
 ) -> Path:
     """``<out>/best/``: the adapter with the lowest eval loss so far, with ``best.json`` ({step,
     eval_loss}) inside. Written beside it and swapped in by renames, so best/ is always a whole
@@ -102,7 +101,7 @@ def save_best_adapter(
 
     if accelerator.is_main_process:
         weights = adapter_weights(accelerator, model)
-        (writer or CheckpointWriter(background=False)).submit("the best adapter", best, lambda: write(weights))
+        writer.submit("the best adapter", best, lambda: write(weights))
     return best
 
 

@@ -378,7 +378,7 @@ class StateSaver:
         from accelerate.utils import gather_object
 
         acc = self.accelerator
-        final = self.root / f"step-{position.step}"
+        final = self._dir(position.step)
         rngs = gather_object([rng_file(rng or rng_state())])  # a collective: every process's, in rank order
         if acc.is_main_process:
             files = {
@@ -398,10 +398,14 @@ class StateSaver:
                 writer.wait()
         return final
 
+    def _dir(self, step: int) -> Path:
+        return self.root / f"step-{step}"
+
     def _write(self, files: dict, step: int) -> None:
         """Write what ``save`` copied: every file into ``.tmp-step-<step>``, the manifest last,
         then rename it into place and prune the older states (on the writer's thread)."""
-        tmp, final = self.root / f".tmp-step-{step}", self.root / f"step-{step}"
+        final = self._dir(step)
+        tmp = final.with_name(f".tmp-{final.name}")
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
         tmp.mkdir(parents=True)
         write_adapter(self.accelerator, self.model, files["adapter"], tmp)

@@ -67,6 +67,10 @@ class CheckpointWriter:
             future.result()
 
 
+# Writes at once, in the caller (it keeps no state): for code that reads the files straight after.
+IN_CALLER = CheckpointWriter(background=False)
+
+
 def _run(what: str, path: Path, write: Callable[[], object]) -> None:
     try:
         write()

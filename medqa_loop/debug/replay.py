@@ -13,8 +13,9 @@ Needs the state *before* step N (medqa_loop.checkpoint.saved), from
     no update ratios, and with LoRA dropout > 0 other dropout masks than the run drew.
 The rest is recomputed, not stored: the run's ``config.yaml`` and base model, the data, and the
 window of step N from the pure order functions (batching.epoch_order / accumulation_windows).
-A multi-process run replays on one process: the same pairs and normaliser, so the same gradient
-up to summation order, but not bitwise.
+A multi-process run replays on one process, and a run whose micro-batches were CUDA graphs
+(``model.cuda_graphs``) replays eagerly: the same pairs and normaliser, so the same gradient up
+to summation order, but not bitwise.
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ def replay(run_dir: str | Path, step: int, checkpoint: str | Path | None = None,
         notes.append("fresh dropout masks (--fresh-dropout): the gradient differs from the run's by the dropout noise")
     if world > 1:
         notes.append(f"the run had {world} processes: replayed on one, equal up to summation order, not bitwise")
+    if parts.graphs is not None:  # replay runs eagerly, where the debugger's hooks run
+        notes.append("the run replayed its micro-batches as CUDA graphs (model.cuda_graphs, rows padded to a "
+                     "multiple of 512 tokens): replayed eagerly, equal up to summation order, not bitwise")
 
     debugger = GradientDebugger(cfg, accelerator, model, parts.optimizer, out_dir=None, guard=False)
     model.train()
