@@ -74,7 +74,6 @@ def main() -> None:
     rows = []
     stamp = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "code": code_digest(),
              "command": shlex.join(["python", *sys.argv])}
-    params = [q for q in model.parameters() if q.requires_grad]
     ways = [True, False] if a.eager_too else [parts.graphs is not None]
     for layers, budgets in plans:
         set_checkpointing(model.get_base_model(), layers)
@@ -82,7 +81,7 @@ def main() -> None:
         for budget in [int(t) for t in budgets.split(",") if t]:
             for graphed in ways:
                 # A fresh set of graphs a setting: the last setting's pool is freed, and the peaks are this one's.
-                graphs = MicroBatchGraphs(model, params, lengths, parts.tokenizer.pad_token_id, lambda *_: None) if graphed else None
+                graphs = MicroBatchGraphs(model, parts.train_examples, parts.tokenizer.pad_token_id, lambda *_: None) if graphed else None
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 walls, launches, repeats, pairs, tokens, longest = [], [], [], 0, 0, 0

@@ -72,7 +72,7 @@ class PreparedRun:
     start: Position = Position()  # where a resumed run stands
     data_stats: dict = field(default_factory=dict)  # the first metrics.jsonl line: data, memory plan, fast path
     lock: RunLock | None = None  # the run directory's, held while this lives (main process)
-    graphs: object = None  # model.cuda_graphs: the micro-batches as CUDA graphs (kernels.graphs), or None
+    graphs: object = None  # model.cuda_graphs: the micro-batches as CUDA graphs (kernels.graphs.MicroBatchGraphs), or None
 
 
 def prepare_run(
@@ -85,7 +85,7 @@ def prepare_run(
     from medqa_loop import model as M
     from medqa_loop.checkpoint import state as S
     from medqa_loop.distributed import check_processes
-    from medqa_loop.kernels.graphs import MicroBatchGraphs, use_graphs
+    from medqa_loop.kernels.graphs import ROW_MULTIPLE, MicroBatchGraphs, use_graphs
     from medqa_loop.kernels.patch import check_fast_path, fast_path_report
     from medqa_loop.kernels.patch import describe as describe_fast_path
     from medqa_loop.optim import build_optimizer
@@ -99,7 +99,7 @@ def prepare_run(
     mask_fn = resolve_mask(cfg.data.mask)  # a mask by import path is imported here, to tokenize
     out = Path(cfg.output_dir)
     say, world, resume_from = accelerator.print, accelerator.num_processes, None
-    graphs = use_graphs(cfg, accelerator.device, world)  # model.cuda_graphs: true where they cannot run fails here
+    graphed = use_graphs(cfg, accelerator.device, world)  # model.cuda_graphs: true where they cannot run fails here
     if resume:  # the state's files and config are checked before anything is loaded
         resume_from = S.find_state(out, resume, say)
         if resume_from is not None:
@@ -132,9 +132,9 @@ def prepare_run(
     model_config = M.check_model_source(source, cfg.model.trust_remote_code)
     M.check_lora_targets(model_config, cfg.lora.target_modules, cfg.model.trust_remote_code)
     # The memory plan, before the base is loaded: how many layers to checkpoint.
-    layers, plan_record, plan_line = memory.plan(cfg, model_config, train_set.examples, accelerator.device, world, graphs)
+    layers, plan_record, plan_line = memory.plan(cfg, model_config, train_set.examples, accelerator.device, world, graphed)
     say(plan_line)
-    data_stats.update(plan_record, cuda_graphs=graphs)
+    data_stats.update(plan_record, cuda_graphs=graphed)
 
     set_seed(cfg.seed)  # LoRA init and dropout draw from here on
     base = M.load_base(cfg.model, source, accelerator.device)
@@ -149,14 +149,14 @@ def prepare_run(
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     start = S.restore(resume_from, accelerator, model, optimizer, out) if resume_from else Position()
-    if graphs:
-        lengths = [len(e["input_ids"]) for e in train_set.examples]
-        graphs = MicroBatchGraphs(model, [p for p in model.parameters() if p.requires_grad], lengths, tokenizer.pad_token_id, say)
-        say("CUDA graphs: each training micro-batch replayed as one graph (model.cuda_graphs), rows padded to a multiple of 512 tokens")
+    graphs = MicroBatchGraphs(model, train_set.examples, tokenizer.pad_token_id, say) if graphed else None
+    if graphs is not None:
+        say("CUDA graphs: each training micro-batch replayed as one graph (model.cuda_graphs), rows padded to "
+            f"a multiple of {ROW_MULTIPLE} tokens")
     return PreparedRun(
         accelerator, tokenizer, model, optimizer, train_set.examples, val_set.examples,
         partial(collate, pad_id=tokenizer.pad_token_id, packed=cfg.data.batching == "pack"), out,
-        val_pairs, start, data_stats, lock, graphs or None,
+        val_pairs, start, data_stats, lock, graphs,
     )
 
 

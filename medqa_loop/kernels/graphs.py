@@ -138,11 +138,15 @@ class MicroBatchGraphs:
     docstring). ``run(batch, scale)`` does what ``(model_loss_sum(model, batch) * scale).backward()``
     does and returns the loss sum."""
 
-    def __init__(self, model, params: list[torch.nn.Parameter], lengths: list[int], pad_id: int, say=print):
+    def __init__(self, model, examples: list[dict], pad_id: int, say=print):
+        """For ``model`` (patched by use_fused_ops) training on ``examples`` (tokenized pairs:
+        their lengths bound a row's pairs)."""
         from medqa_loop.kernels.patch import dropout_seeds
 
-        self.model, self.params, self.lengths, self.pad_id, self.say = model, params, lengths, pad_id, say
-        self.pair_tokens = max(lengths)  # no pair is longer: FlashAttention's grid covers each
+        self.model, self.pad_id, self.say = model, pad_id, say
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.lengths = [len(e["input_ids"]) for e in examples]
+        self.pair_tokens = max(self.lengths)  # no pair is longer: FlashAttention's grid covers each
         self.seeds = dropout_seeds(model)
         self.graphs: dict[int, _Captured] = {}  # by padded row size
         self.slots: dict[int, int] = {}  # pair boundaries a row of each size has room for (row_slots)

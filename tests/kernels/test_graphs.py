@@ -123,9 +123,8 @@ def test_cuda_replayed_windows_equal_eager_windows(tiny_cfg, tmp_path, gc):
                  "data.pack_tokens=600", "train.micro_batch_size=1"]
     parts = build(tiny_cfg, tmp_path, *overrides)
     model, pad_id = parts.model, parts.tokenizer.pad_token_id
-    params = [p for p in model.parameters() if p.requires_grad]
-    lengths = [len(e["input_ids"]) for e in parts.train_examples]
-    graphs = MicroBatchGraphs(model, params, lengths, pad_id, say=lambda *_: None)
+    graphs = MicroBatchGraphs(model, parts.train_examples, pad_id, say=lambda *_: None)
+    params, lengths = graphs.params, graphs.lengths
     windows = [parts.train_examples[:4], parts.train_examples[4:9]]
     run_cfg = tiny_cfg(*overrides)
     for w, examples in enumerate(windows):
