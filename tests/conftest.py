@@ -65,6 +65,31 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def set_lora(model, seed: int = 0) -> None:
+    """Every LoRA matrix from one seeded generator (B non-zero, so every LoRA gradient is)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def loss_and_grads(model, batch, seed: int = 5):
+    """A batch's loss sum (model_loss_sum) and the LoRA gradients of its backward, the dropout
+    masks drawn after ``torch.manual_seed(seed)``; no gradient is left on the model."""
+    from medqa_loop.model import model_loss_sum
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss = model_loss_sum(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
 class OpLog(TorchDispatchMode):
     """Records every aten op that runs under it, backward included: (name, shapes of its tensor
     arguments), in order."""

@@ -4,7 +4,7 @@ memory kept for backward, and the per-module path wherever a hook watches a modu
 import pytest
 import torch
 
-from conftest import rel
+from conftest import loss_and_grads, rel, set_lora
 from medqa_loop.batching import collate, to_device
 from medqa_loop.kernels import decoder
 from medqa_loop.model import decoder_layers, model_loss_sum
@@ -14,11 +14,7 @@ from medqa_loop.train import prepare_run
 def build(tiny_cfg, tmp_path, name, *overrides):
     parts = prepare_run(tiny_cfg(f"output_dir={tmp_path / name}", "model.attn_implementation=sdpa", *overrides))
     parts.model.train()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # B non-zero, so every LoRA gradient is
-        for n, p in parts.model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if "lora_A" in n else 0.02))
+    set_lora(parts.model)
     return parts
 
 
@@ -32,14 +28,6 @@ def per_module(model):
     return [layer.self_attn.q_proj.register_forward_hook(lambda *a: None) for layer in decoder_layers(model)]
 
 
-def loss_and_grads(model, batch, seed=5):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    loss = model_loss_sum(model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
 
 
 @pytest.mark.parametrize(("gc", "targets"), [

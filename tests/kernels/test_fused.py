@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from conftest import OpLog, rel
+from conftest import OpLog, loss_and_grads, rel, set_lora
 from medqa_loop.batching import collate, to_device
 from medqa_loop.kernels import ops, patch, reference
 from medqa_loop.kernels.autograd import BaseAfterLora, LoraLinear, RMSNormFn, RotaryFn, SiluMul
@@ -109,24 +109,8 @@ def build(tiny_cfg, tmp_path, name, *overrides):
     return parts
 
 
-def set_lora(model, seed=0):
-    """Every LoRA matrix from one seeded generator (B non-zero, so every gradient is)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-            elif "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def loss_and_grads(model, batch):
-    model.zero_grad(set_to_none=True)
-    loss = model_loss_sum(model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
 
 
 def swapped(model, fn):
@@ -199,11 +183,9 @@ def test_dropout_survives_checkpointing_and_is_off_in_eval(tiny_cfg, tmp_path):
         set_lora(parts.model)
     batch = batches(ckpt)["packed"]
 
-    # Checkpointing's recompute restores the RNG state, so it draws the same dropout seeds: the
-    # gradient is the one without checkpointing.
-    torch.manual_seed(5)
-    want_loss, want = loss_and_grads(plain.model, batch)
-    torch.manual_seed(5)
+    # A checkpointed layer's recompute reads the seeds of the forward it recomputes (kernels.seeds):
+    # the gradient is the one without checkpointing.
+    want_loss, want = loss_and_grads(plain.model, batch)  # the same seed: the same masks
     got_loss, got = loss_and_grads(ckpt.model, batch)
     assert rel(got_loss, want_loss) < 1e-6
     for name in want:

@@ -6,7 +6,7 @@ window gives the eager window's loss and gradients."""
 import pytest
 import torch
 
-from conftest import rel
+from conftest import loss_and_grads, rel, set_lora
 from medqa_loop.batching import collate, to_device, window_batches
 from medqa_loop.config import ConfigError
 from medqa_loop.kernels.graphs import MicroBatchGraphs, padded_row, padded_tokens, row_slots
@@ -18,22 +18,10 @@ from medqa_loop.train import prepare_run
 def build(tiny_cfg, tmp_path, *overrides):
     parts = prepare_run(tiny_cfg(f"output_dir={tmp_path / 'run'}", *overrides))
     parts.model.train()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # B non-zero, so every LoRA gradient is
-        for n, p in parts.model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if "lora_A" in n else 0.02))
+    set_lora(parts.model)
     return parts
 
 
-def loss_and_grads(model, batch, seed=5):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    loss = model_loss_sum(model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.detach(), grads
 
 
 def test_padded_row_layout():
