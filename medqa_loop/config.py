@@ -111,8 +111,10 @@ class DataConfig:
     # "group_by_length" pads batches of similar-length pairs; "pad" pads batches as drawn.
     # The pairs of each optimizer step, and so the update, are the same in all three.
     batching: str = "pack"
-    # 16384 = grad_accum_steps x max_length of the recipe: a whole window is one row.
-    pack_tokens: int = 16384
+    # The longest packed row, in tokens, for training and evaluation. "auto" = the memory plan's
+    # choice (medqa_loop.memory.plan): the row size whose plan (checkpointed layers, CUDA graphs)
+    # it expects to run fastest on this GPU; 16384 (a whole window of the recipe a row) on the CPU.
+    pack_tokens: int | str = "auto"
     # A row with a missing, null, empty or non-string text, or a prompt that alone fills
     # max_length: "error" stops with the row and column named; "skip" leaves it out, counted and
     # listed at the end of data loading and in metrics.jsonl.
@@ -280,7 +282,6 @@ def _validate(cfg: Config) -> None:
             "train.eval_batch_size": t.eval_batch_size,
             "train.keep_states": t.keep_states,
             "data.max_length": d.max_length,
-            "data.pack_tokens": d.pack_tokens,
             "lora.r": lo.r,
             "lora.alpha": lo.alpha,
             "train.lr": t.lr,
@@ -342,7 +343,9 @@ def _validate(cfg: Config) -> None:
         isinstance(m.memory_limit_gb, bool) or not isinstance(m.memory_limit_gb, (int, float)) or m.memory_limit_gb <= 0
     ):
         raise ConfigError(f"config key 'model.memory_limit_gb' must be a number of GB > 0 or null; got {m.memory_limit_gb!r}")
-    if d.batching == "pack" and d.pack_tokens < d.max_length:
+    if d.pack_tokens != "auto" and (isinstance(d.pack_tokens, bool) or not isinstance(d.pack_tokens, int) or d.pack_tokens <= 0):
+        raise ConfigError(f"config key 'data.pack_tokens' must be auto or a number of tokens > 0; got {d.pack_tokens!r}")
+    if d.batching == "pack" and d.pack_tokens != "auto" and d.pack_tokens < d.max_length:
         raise ConfigError(
             f"config key 'data.pack_tokens' ({d.pack_tokens}) must be >= data.max_length "
             f"({d.max_length}) so that every pair fits a row"

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from medqa_loop.batching import Batch, to_device
-from medqa_loop.losses import target_weight, token_accuracy_counts, weighted_loss_sum
+from medqa_loop.losses import eval_sums
 from medqa_loop.model import model_logits
 
 
@@ -50,12 +50,15 @@ def evaluate(
     examples: list[dict],
     collate_fn: Callable[[list[dict]], Batch],
     micro_batches: list[list[int]],
+    graphs=None,
 ) -> EvalResult:
     """Validation loss (summed token loss / summed weight) and token accuracy over
     ``micro_batches`` (indices into ``examples``: batching.eval_micro_batches).
 
     Each process takes every world-th micro-batch and the sums are reduced, so every pair counts
-    exactly once however many processes run. The model goes back to train mode even on error.
+    exactly once however many processes run. With ``graphs`` (kernels.graphs.MicroBatchGraphs,
+    one process) each micro-batch's forward is the replay of a CUDA graph. The
+    model goes back to train mode even on error.
     """
     mine = micro_batches[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(4, device=accelerator.device)  # loss sum, weight, correct, counted
@@ -66,12 +69,7 @@ def evaluate(
     try:
         for indices in mine:
             batch = to_device(collate_fn([examples[i] for i in indices]), accelerator.device)
-            logits = model_logits(model, batch)
-            totals[0] += weighted_loss_sum(logits, batch["labels"], batch["loss_weights"]).float()
-            totals[1] += target_weight(batch)
-            correct, counted = token_accuracy_counts(logits, batch["labels"], batch["loss_weights"])
-            totals[2] += correct
-            totals[3] += counted
+            totals += graphs.evaluate(batch) if graphs is not None else eval_sums(model_logits(model, batch), batch)
     finally:
         model.train()
     totals = accelerator.reduce(totals, reduction="sum")

@@ -50,7 +50,6 @@ from medqa_loop.batching import (
 from medqa_loop.checkpoint.adapter import save_adapter, save_best_adapter
 from medqa_loop.checkpoint.state import Interrupted, Position, StateSaver, rng_state
 from medqa_loop.checkpoint.writer import CheckpointWriter
-from medqa_loop.config import Config
 from medqa_loop.evaluation import Best, best_so_far, evaluate
 from medqa_loop.losses import target_tokens, target_weight
 from medqa_loop.metrics import MetricsLog, peak_memory_gb, perplexity, read_metrics
@@ -129,15 +128,15 @@ def backward_window(
     return loss_sum
 
 
-def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
-    """Run the configured epochs (or ``train.max_steps``, or until early stopping); return the
-    last logged values.
+def train(run: PreparedRun, hooks: Hooks) -> dict:
+    """Run the configured epochs (or ``train.max_steps``, or until early stopping) of ``run.cfg``;
+    return the last logged values.
 
     ``run.start`` is where a resumed run stands (its model, optimizer and RNGs already restored):
     the windows before it are skipped, not replayed, since the data order is a pure function of
     (seed, epoch); the best eval loss so far is read back from metrics.jsonl.
     """
-    t = cfg.train
+    cfg, t = run.cfg, run.cfg.train
     accelerator, model, optimizer, examples = run.accelerator, run.model, run.optimizer, run.train_examples
     rank, world = accelerator.process_index, accelerator.num_processes
     total_steps = run_steps(len(examples), t, world)
@@ -155,7 +154,7 @@ def train(cfg: Config, run: PreparedRun, hooks: Hooks) -> dict:
         micro_batches = eval_micro_batches(
             val_lengths, cfg.data.batching, t.eval_batch_size, cfg.data.pack_tokens, max_batches
         )
-        r = evaluate(accelerator, model, run.val_examples, run.collate_fn, micro_batches)
+        r = evaluate(accelerator, model, run.val_examples, run.collate_fn, micro_batches, run.graphs)
         hooks.log.write(
             step=step, epoch=round(epoch, 4), eval_loss=r.loss, eval_ppl=perplexity(r.loss),
             eval_token_acc=r.token_acc, eval_time_s=time.perf_counter() - started,

@@ -62,18 +62,23 @@ def target_weight(batch: dict) -> torch.Tensor:
     return batch["loss_weights"][:, 1:].sum()
 
 
-def token_accuracy_counts(
-    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(correct, counted): target tokens (weight > 0) whose shifted argmax equals the label.
-
-    Shifted like token_losses. Unweighted: each counted token is right or wrong, so the ratio is
-    a plain "fraction of answer tokens the model would have produced greedily given the truth".
-    """
-    targets = labels[:, 1:]
-    counted = (targets != IGNORE_INDEX) & (weights[:, 1:] > 0)
-    correct = (logits[:, :-1].argmax(dim=-1) == targets) & counted
-    return correct.sum(), counted.sum()
+def eval_sums(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """[weighted loss sum, summed weight, correct, counted] of one batch, fp32, from its logits
+    at its target positions (``shifted_targets``: the positions whose *next* label is a target):
+    the cross-entropy there (fp32, in chunks) times the target's weight, and the accuracy: a
+    target counts where its weight is > 0 (each counted token is right or wrong, so the ratio is
+    a plain "fraction of answer tokens the model would have produced greedily given the truth"),
+    right where the argmax is its label. Only the target fields are read, so a row padded with
+    weight-0 targets (kernels.graphs) sums the same."""
+    rows = logits.flatten(0, 1)[batch["target_positions"]]
+    targets, weights = batch["targets"], batch["target_weights"]
+    losses = torch.cat([
+        F.cross_entropy(rows[i : i + CE_CHUNK].float(), targets[i : i + CE_CHUNK], reduction="none")
+        for i in range(0, targets.numel(), CE_CHUNK)
+    ] or [weights.new_zeros(0)])
+    counted = weights > 0
+    correct = (rows.argmax(dim=-1) == targets) & counted
+    return torch.stack([(losses * weights).sum(), weights.sum(), correct.sum().float(), counted.sum().float()])
 
 
 def target_tokens(batch: dict) -> int:

@@ -146,61 +146,150 @@ def choose(model: MemoryModel, tokens: int, free_gb: float, margin: float = MARG
     )
 
 
-def largest_micro_batch(examples: list[dict], cfg, world: int = 1) -> int:
-    """Tokens (padding included) of the largest micro-batch any process runs in any window of any
-    epoch: the order is a pure function of (seed, epoch), so this is known before training."""
+def row_stats(examples: list[dict], cfg, rows: int, world: int = 1) -> tuple[int, float, float]:
+    """(tokens, padding included, of the largest micro-batch any process runs in any window of any
+    epoch; micro-batches and tokens a window, on average over them) with rows of up to ``rows``
+    tokens: the order is a pure function of (seed, epoch), so this is known before training."""
     from medqa_loop.batching import accumulation_windows, arrange_window, epoch_order
 
-    t, lengths, largest = cfg.train, [len(e["input_ids"]) for e in examples], 0
+    t, lengths = cfg.train, [len(e["input_ids"]) for e in examples]
+    largest, windows, micro_batches, tokens = 0, 0, 0, 0
     for epoch in range(t.epochs):
         order = epoch_order(len(examples), cfg.seed, epoch)
         for rank in range(world):
             for window in accumulation_windows(order, t.micro_batch_size, t.grad_accum_steps, rank, world):
-                for mb in arrange_window(window, lengths, cfg.data.batching, t.micro_batch_size, cfg.data.pack_tokens):
+                windows += 1
+                for mb in arrange_window(window, lengths, cfg.data.batching, t.micro_batch_size, rows):
                     size = sum(lengths[i] for i in mb) if cfg.data.batching == "pack" else len(mb) * max(lengths[i] for i in mb)
-                    largest = max(largest, size)
-    return largest
+                    largest, micro_batches, tokens = max(largest, size), micro_batches + 1, tokens + size
+    return largest, micro_batches / max(windows, 1), tokens / max(windows, 1)
 
 
-def plan(cfg, model_config, examples: list[dict], device, world: int = 1, graphs: bool = False) -> tuple[int, dict, str]:
-    """(decoder layers to checkpoint, the plan's figures for metrics.jsonl, the start-up line),
-    for the largest micro-batch (as its CUDA graph pads it, with ``graphs``) and
-    ``model.gradient_checkpointing``: true = every layer, false = none, N = the first N,
-    "auto" = ``choose`` on a GPU (its free memory now, before the base is loaded, or
-    ``model.memory_limit_gb`` where that is less) and every layer on the CPU, where memory is not the limit. Raises MemoryPlanError for an auto plan that does
-    not fit."""
+def largest_micro_batch(examples: list[dict], cfg, world: int = 1) -> int:
+    """Tokens (padding included) of the largest micro-batch any process runs, in rows of
+    ``data.pack_tokens`` (row_stats)."""
+    return row_stats(examples, cfg, cfg.data.pack_tokens, world)[0]
+
+
+# -- the row size: data.pack_tokens=auto -------------------------------------------------------
+#
+# Smaller rows need less memory a micro-batch, so fewer layers checkpointed (less recompute),
+# but cost more micro-batches a window: eagerly ~0.19 s of CPU each (the launches), as CUDA
+# graphs (rows of up to kernels.graphs.AUTO_MAX_ROW tokens) ~0.02 s of GPU each (the int8
+# weights dequantized again, smaller matmuls). Which wins depends on the memory: on an H200 one
+# row a window with nothing checkpointed; within 16 GB rows of 2,048 tokens as graphs (a 16k row
+# must checkpoint 30 of 32 layers there).
+
+ROW_CHOICES = (2048, 3072, 4096, 8192, 16384)  # what auto chooses among (those >= data.max_length)
+DEFAULT_ROWS = 16384  # auto where there is nothing to plan for (the CPU, padded batches): a window a row
+
+
+@dataclass(frozen=True)
+class SpeedModel:
+    """Seconds an optimizer window takes, by its tokens, micro-batches, checkpointed layers and
+    whether they replay as CUDA graphs. The GPU's part is linear in the tokens (more with
+    recompute) and in the micro-batches. An eager micro-batch also costs the CPU its launches
+    (more with recompute: checkpointed layers launch their forward twice); CPU and GPU overlap, so
+    the slower of the two sets the pace, with a little of the other showing (a 4-norm of the two).
+    Fitted on the H200 figures of the 7B shapes (BENCHMARKS.md, "Issue 17, fourth session":
+    graphs_sweep.jsonl, results.jsonl); the plan uses only the order in which it ranks plans."""
+
+    gpu_s_per_ktok: float = 0.0602  # no layer checkpointed
+    recompute: float = 0.42  # the GPU part's increase with every layer checkpointed
+    gpu_s_per_micro_batch: float = 0.0214
+    cpu_s_per_eager_micro_batch: float = 0.19  # no layer checkpointed
+    cpu_recompute: float = 0.67  # its increase with every layer checkpointed
+
+    def window_s(self, tokens: float, micro_batches: float, checkpointed: int, layers: int, graphs: bool) -> float:
+        share = checkpointed / layers
+        gpu = tokens / 1e3 * self.gpu_s_per_ktok * (1 + self.recompute * share) + micro_batches * self.gpu_s_per_micro_batch
+        if graphs:
+            return gpu
+        cpu = micro_batches * self.cpu_s_per_eager_micro_batch * (1 + self.cpu_recompute * share)
+        return (gpu**4 + cpu**4) ** 0.25
+
+
+SPEED = SpeedModel()
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What ``plan`` decided, before the base is loaded."""
+
+    rows: int  # data.pack_tokens as the run uses it: the longest packed row
+    graphs: bool  # model.cuda_graphs as the run uses it
+    layers: int  # decoder layers to checkpoint
+    record: dict  # the figures, for metrics.jsonl's first line
+    line: str  # the start-up line
+
+
+def _forced_layers(setting, n_layers: int) -> int | None:
+    """model.gradient_checkpointing as a number of layers; None for auto."""
+    if setting == "auto":
+        return None
+    if isinstance(setting, bool):
+        return n_layers if setting else 0
+    return min(setting, n_layers)
+
+
+def plan(cfg, model_config, examples: list[dict], device, world: int = 1) -> RunPlan:
+    """The rows, CUDA graphs and checkpointed layers of this run, from its config, data and GPU.
+
+    ``model.gradient_checkpointing``: true = every layer, false = none, N = the first N, "auto" =
+    ``choose`` on a GPU (its free memory now, before the base is loaded, or
+    ``model.memory_limit_gb`` where that is less) for the largest micro-batch (as its CUDA graph
+    pads it), and every layer on the CPU, where memory is not the limit. ``data.pack_tokens``:
+    a number is the rows; "auto" = of ROW_CHOICES, the one whose plan SPEED ranks fastest (on a
+    GPU, packing), else DEFAULT_ROWS. ``model.cuda_graphs`` follows the rows (kernels.graphs.use_graphs).
+    Raises MemoryPlanError where no plan fits."""
     import torch
 
-    n_layers, setting = model_config.num_hidden_layers, cfg.model.gradient_checkpointing
-    if setting == "auto":
-        forced = None
-    elif isinstance(setting, bool):
-        forced = n_layers if setting else 0
-    else:
-        forced = min(setting, n_layers)
-    if torch.device(device).type != "cuda":
-        if forced is None:
-            return n_layers, {"checkpoint_layers": n_layers}, f"memory plan: checkpoint all {n_layers} layers (on the CPU)"
-        return forced, {"checkpoint_layers": forced}, f"memory plan: checkpoint {forced} of {n_layers} layers (model.gradient_checkpointing)"
-    model = memory_model(model_config, cfg.lora.r, cfg.lora.target_modules, cfg.model.load_in_8bit)
-    tokens = largest_micro_batch(examples, cfg, world)
-    if graphs:
-        from medqa_loop.kernels.graphs import padded_tokens
+    from medqa_loop.kernels.graphs import padded_tokens, use_graphs
 
-        tokens = padded_tokens(tokens)
-    free_gb = torch.cuda.mem_get_info(device)[0] / 1e9
-    limit = cfg.model.memory_limit_gb
-    if forced is None:
-        chosen = choose(model, tokens, free_gb, limit_gb=limit)
-        layers, line = chosen.layers, chosen.reason
-    else:
-        layers, estimate = forced, model.estimate_gb(tokens, forced)
-        line = (
-            f"memory plan: checkpoint {forced} of {n_layers} layers (model.gradient_checkpointing); estimated peak "
-            f"{estimate:.1f} GB for micro-batches of up to {tokens} tokens, {free_gb:.1f} GB free"
-        )
+    n_layers, setting = model_config.num_hidden_layers, cfg.model.gradient_checkpointing
+    forced = _forced_layers(setting, n_layers)
+    choices = (
+        [cfg.data.pack_tokens] if cfg.data.pack_tokens != "auto"
+        else [r for r in ROW_CHOICES if r >= cfg.data.max_length]
+        if torch.device(device).type == "cuda" and cfg.data.batching == "pack" else [DEFAULT_ROWS]
+    )
+    if torch.device(device).type != "cuda":
+        rows, layers = choices[0], n_layers if forced is None else forced
+        why = "on the CPU" if forced is None else "model.gradient_checkpointing"
+        what = f"all {n_layers} layers" if forced is None else f"{layers} of {n_layers} layers"
+        return RunPlan(rows, use_graphs(cfg, device, world, rows), layers, {"checkpoint_layers": layers, "rows": rows},
+                       f"memory plan: checkpoint {what} ({why}), rows of up to {rows} tokens")
+    model = memory_model(model_config, cfg.lora.r, cfg.lora.target_modules, cfg.model.load_in_8bit)
+    free_gb, limit = torch.cuda.mem_get_info(device)[0] / 1e9, cfg.model.memory_limit_gb
+    candidates, refused = [], None
+    for rows in sorted(choices, reverse=True):  # on a tie the larger rows: less padding, fewer micro-batches
+        graphs = use_graphs(cfg, device, world, rows)
+        largest, micro_batches, window_tokens = row_stats(examples, cfg, rows, world)
+        tokens = padded_tokens(largest) if graphs else largest
+        if forced is None:
+            try:
+                chosen = choose(model, tokens, free_gb, limit_gb=limit)
+            except MemoryPlanError as e:
+                refused = e  # the smallest rows' numbers, once every size is refused
+                continue
+            layers, reason = chosen.layers, chosen.reason
+        else:
+            layers = forced
+            reason = (f"memory plan: checkpoint {forced} of {n_layers} layers (model.gradient_checkpointing); estimated "
+                      f"peak {model.estimate_gb(tokens, forced):.1f} GB for micro-batches of up to {tokens} tokens, "
+                      f"{free_gb:.1f} GB free")
+        seconds = SPEED.window_s(window_tokens, micro_batches, layers, n_layers, graphs)
+        candidates.append((seconds, rows, graphs, layers, tokens, reason))
+    if not candidates:
+        raise refused
+    seconds, rows, graphs, layers, tokens, reason = min(candidates, key=lambda c: c[0])
+    if cfg.data.pack_tokens == "auto":
+        others = ", ".join(f"{r}: {s:.2f}" for s, r, *_ in sorted(candidates, key=lambda c: -c[1]) if r != rows)
+        reason += (f"; rows of up to {rows} tokens{' as CUDA graphs' if graphs else ''} (data.pack_tokens=auto: "
+                   f"~{seconds:.2f} s a window estimated{', against ' + others if others else ''})")
     record = {
-        "checkpoint_layers": layers, "memory_estimate_gb": round(model.estimate_gb(tokens, layers), 2),
+        "checkpoint_layers": layers, "rows": rows, "memory_estimate_gb": round(model.estimate_gb(tokens, layers), 2),
         "memory_free_gb": round(free_gb, 2), "memory_limit_gb": limit, "largest_micro_batch_tokens": tokens,
+        "window_s_estimate": round(seconds, 3),
     }
-    return layers, record, line
+    return RunPlan(rows, graphs, layers, record, reason)

@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -60,6 +60,7 @@ def prepare_output_dir(cfg: Config, overwrite: bool, resume_from: Path | None = 
 class PreparedRun:
     """What the loop runs on: built by ``prepare_run`` in the order that fails fastest."""
 
+    cfg: Config  # the config as the run uses it: data.pack_tokens=auto resolved by the memory plan
     accelerator: object
     tokenizer: object
     model: object  # the base with LoRA, prepared by Accelerate
@@ -99,11 +100,13 @@ def prepare_run(
     mask_fn = resolve_mask(cfg.data.mask)  # a mask by import path is imported here, to tokenize
     out = Path(cfg.output_dir)
     say, world, resume_from = accelerator.print, accelerator.num_processes, None
-    graphed = use_graphs(cfg, accelerator.device, world)  # model.cuda_graphs: true where they cannot run fails here
+    use_graphs(cfg, accelerator.device, world)  # model.cuda_graphs: true where they cannot run fails here
     if resume:  # the state's files and config are checked before anything is loaded
         resume_from = S.find_state(out, resume, say)
         if resume_from is not None:
             S.check_config(resume_from, cfg, world, force_resume, say)
+            if cfg.data.pack_tokens == "auto":  # the rows it trained in: the same micro-batches, exactly
+                cfg = replace(cfg, data=replace(cfg.data, pack_tokens=S.saved_config(resume_from)["data"]["pack_tokens"]))
     # `--resume auto` with no state to resume from starts over, so a job script can always pass it.
     starting_over = resume == "auto" and resume_from is None
     lock = None
@@ -131,14 +134,16 @@ def prepare_run(
         accelerator.wait_for_everyone()
     model_config = M.check_model_source(source, cfg.model.trust_remote_code)
     M.check_lora_targets(model_config, cfg.lora.target_modules, cfg.model.trust_remote_code)
-    # The memory plan, before the base is loaded: how many layers to checkpoint.
-    layers, plan_record, plan_line = memory.plan(cfg, model_config, train_set.examples, accelerator.device, world, graphed)
-    say(plan_line)
-    data_stats.update(plan_record, cuda_graphs=graphed)
+    # The memory plan, before the base is loaded: the rows (data.pack_tokens=auto), CUDA graphs,
+    # how many layers to checkpoint. From here on cfg is the config as the run uses it.
+    run_plan = memory.plan(cfg, model_config, train_set.examples, accelerator.device, world)
+    cfg = replace(cfg, data=replace(cfg.data, pack_tokens=run_plan.rows))
+    say(run_plan.line)
+    data_stats.update(run_plan.record, cuda_graphs=run_plan.graphs)
 
     set_seed(cfg.seed)  # LoRA init and dropout draw from here on
     base = M.load_base(cfg.model, source, accelerator.device)
-    model = M.add_lora(base, cfg.lora, layers, cfg.model.fused_ops)
+    model = M.add_lora(base, cfg.lora, run_plan.layers, cfg.model.fused_ops)
     fast_path = fast_path_report(model, cfg, accelerator.device)
     say(describe_fast_path(fast_path))
     check_fast_path(fast_path, cfg, accelerator.device.type == "cuda")
@@ -149,12 +154,13 @@ def prepare_run(
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     start = S.restore(resume_from, accelerator, model, optimizer, out) if resume_from else Position()
-    graphs = MicroBatchGraphs(model, train_set.examples, tokenizer.pad_token_id, say) if graphed else None
-    if graphs is not None:
-        say("CUDA graphs: each training micro-batch replayed as one graph (model.cuda_graphs), rows padded to "
-            f"a multiple of {ROW_MULTIPLE} tokens")
+    graphs = None
+    if run_plan.graphs:
+        graphs = MicroBatchGraphs(model, train_set.examples + val_set.examples, tokenizer.pad_token_id, say)
+        say("CUDA graphs: each training and evaluation micro-batch replayed as one graph (model.cuda_graphs), "
+            f"rows padded to a multiple of {ROW_MULTIPLE} tokens")
     return PreparedRun(
-        accelerator, tokenizer, model, optimizer, train_set.examples, val_set.examples,
+        cfg, accelerator, tokenizer, model, optimizer, train_set.examples, val_set.examples,
         partial(collate, pad_id=tokenizer.pad_token_id, packed=cfg.data.batching == "pack"), out,
         val_pairs, start, data_stats, lock, graphs,
     )
@@ -175,6 +181,7 @@ def run(
     started = time.perf_counter()
     pause_hooks = load_pause_hooks(cfg.debug)  # user code: imported here, checked before the base loads
     p = prepare_run(cfg, overwrite, resume, force_resume)
+    cfg = p.cfg  # data.pack_tokens=auto resolved
     # Every record also goes to the trackers train.report_to names (a resumed run: after its step).
     forward = start_trackers(p.accelerator, cfg, p.start.step)
     log = MetricsLog(p.out / "metrics.jsonl", enabled=p.accelerator.is_main_process, forward=forward)
@@ -197,7 +204,7 @@ def run(
     gc.freeze()
     try:
         with saver.stop_on_signals():
-            last = train(cfg, p, hooks)
+            last = train(p, hooks)
     finally:
         gc.unfreeze()  # a caller that goes on (a notebook, the tests) can collect it again
         if p.lock is not None:

@@ -104,7 +104,7 @@ def test_loss_goes_down_and_checkpoint_reloads_to_the_same_logits(tiny_cfg, monk
         return saved[-1]
 
     monkeypatch.setattr(loop, "save_adapter", recording_save)
-    last = train(cfg, parts, Hooks(log=MetricsLog(parts.out / "metrics.jsonl")))
+    last = train(parts, Hooks(log=MetricsLog(parts.out / "metrics.jsonl")))
     evals = [r for r in read_metrics(parts.out / "metrics.jsonl") if "eval_loss" in r]
     steps = [r for r in read_metrics(parts.out / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in evals] == [0, 5, 10, 12]  # sanity, every 5, epoch end

@@ -1,8 +1,16 @@
 """Token losses and accuracy as pure functions of logits, labels and weights (no model)."""
 
+import pytest
 import torch
 
-from medqa_loop.losses import IGNORE_INDEX, token_accuracy_counts
+from medqa_loop.batching import with_targets
+from medqa_loop.losses import IGNORE_INDEX, eval_sums
+
+
+def token_accuracy_counts(logits, labels, weights) -> tuple[int, int]:
+    """(correct, counted) of eval_sums for a batch of these labels and weights."""
+    sums = eval_sums(logits, with_targets({"labels": labels, "loss_weights": weights}))
+    return int(sums[2]), int(sums[3])
 
 
 def one_hot_logits(predicted: list[list[int]], vocab: int = 10) -> torch.Tensor:
@@ -27,9 +35,9 @@ def test_token_accuracy_is_shifted_and_counts_only_weighted_targets():
     # A label kept but weighted 0 by a mask is not counted, right or wrong.
     zero_eos = weights.clone()
     zero_eos[0, 5] = 0.0
-    assert [int(x) for x in token_accuracy_counts(one_hot_logits(predicted), labels, zero_eos)] == [1, 2]
+    assert token_accuracy_counts(one_hot_logits(predicted), labels, zero_eos) == (1, 2)
     # Up-weighting a token does not change its count: accuracy is a plain fraction of tokens.
-    assert [int(x) for x in token_accuracy_counts(one_hot_logits(predicted), labels, weights * 3)] == [2, 3]
+    assert token_accuracy_counts(one_hot_logits(predicted), labels, weights * 3) == (2, 3)
 
 
 def test_token_accuracy_sums_over_the_batch_and_ignores_padding():
@@ -38,6 +46,26 @@ def test_token_accuracy_sums_over_the_batch_and_ignores_padding():
     logits = one_hot_logits([[3, 3, 0], [3, 0, 3]])  # row 2 is wrong only where its label is padding
     correct, counted = token_accuracy_counts(logits, labels, weights)
     assert (int(correct), int(counted)) == (3, 3)
+
+
+def test_eval_loss_is_the_weighted_cross_entropy_and_padding_targets_add_nothing(monkeypatch):
+    import medqa_loop.losses as L
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 11, 50)
+    labels = torch.randint(0, 50, (2, 11))
+    labels[0, :4] = IGNORE_INDEX
+    weights = (labels != IGNORE_INDEX).float() * torch.rand(2, 11)
+    batch = with_targets({"labels": labels, "loss_weights": weights})
+    monkeypatch.setattr(L, "CE_CHUNK", 3)  # 17 targets -> 6 chunks, the last one short
+    loss, weight, correct, counted = eval_sums(logits, batch).tolist()
+    assert loss == pytest.approx(float(L.weighted_loss_sum(logits, labels, weights)), rel=1e-6)
+    assert weight == pytest.approx(float(weights[:, 1:].sum()), rel=1e-6) and counted == (labels[:, 1:] != IGNORE_INDEX).sum()
+    # targets at position 0 with weight 0 (a padded graph row's) change no sum
+    padded = {**batch, "target_positions": torch.cat([batch["target_positions"], torch.zeros(5, dtype=torch.long)]),
+              "targets": torch.cat([batch["targets"], torch.zeros(5, dtype=torch.long)]),
+              "target_weights": torch.cat([batch["target_weights"], torch.zeros(5)])}
+    assert eval_sums(logits, padded).tolist() == pytest.approx([loss, weight, correct, counted], rel=1e-6)
 
 
 def test_chunked_cross_entropy_matches_the_plain_one(monkeypatch):

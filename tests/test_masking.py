@@ -190,7 +190,7 @@ def test_readme_mask_example_runs_through_the_real_loop(tiny_cfg, tmp_path, monk
             plain += float(losses.sum())
             tokens += float((batch["labels"][:, 1:] != -100).sum())
 
-    train(cfg, parts, Hooks(log=MetricsLog(parts.out / "metrics.jsonl")))
+    train(parts, Hooks(log=MetricsLog(parts.out / "metrics.jsonl")))
     logged = [r for r in read_metrics(parts.out / "metrics.jsonl") if "loss" in r]
     assert len(logged) == 1 and math.isfinite(logged[0]["loss"])
     assert logged[0]["loss"] == pytest.approx(weighted / weight_sum, rel=1e-6)

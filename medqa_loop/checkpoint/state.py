@@ -266,11 +266,19 @@ def _refuse_or_warn(path: Path, differences: list[str], force: bool, say: Callab
     say(f"warning: --force-resume: continuing {path} despite {listed}")
 
 
+def saved_config(path: Path) -> dict:
+    """The config the state was trained with, as saved (auto values resolved: data.pack_tokens)."""
+    return yaml.safe_load((path / "config.yaml").read_text())
+
+
 def check_config(path: Path, cfg: Config, num_processes: int, force: bool, say: Callable = print):
     """Refuse a resume whose config differs in a key that changes the updates (MAY_CHANGE aside),
-    naming every such key with its old and new value, or run with a different process count."""
-    old = flatten(yaml.safe_load((path / "config.yaml").read_text()))
+    naming every such key with its old and new value, or run with a different process count.
+    data.pack_tokens=auto matches the rows the state trained in (the resumed run keeps them)."""
+    old = flatten(saved_config(path))
     new = flatten(cfg.to_dict())
+    if new.get("data.pack_tokens") == "auto":
+        new["data.pack_tokens"] = old.get("data.pack_tokens")
     # A key added since the state was saved (data.dedupe, say) ran at its default then.
     defaults = flatten(Config().to_dict())
     old.update({key: defaults[key] for key in new.keys() - old.keys() if key in defaults})

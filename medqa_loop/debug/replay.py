@@ -119,7 +119,7 @@ def replay(run_dir: str | Path, step: int, checkpoint: str | Path | None = None,
     if missing or loaded.unexpected_keys:
         raise ValueError(f"adapter {adapter} does not fit the run's model: missing {missing[:3]}, unexpected {loaded.unexpected_keys[:3]}")
     # The micro-batches the loop ran, built by the loop's own function (packing, grouping).
-    batches = window_batches(window, parts.train_examples, cfg, parts.collate_fn, accelerator.device)
+    batches = window_batches(window, parts.train_examples, parts.cfg, parts.collate_fn, accelerator.device)
     rows = [b["rows"].tolist() for b in batches]
     if saved.window_rows is not None and not saved.window_rows <= {r for mb in rows for r in mb}:
         raise ValueError(

@@ -135,5 +135,6 @@ def run_selftest(config: str | None, overrides: list[str], eval_mode: bool = Fal
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(config, [*overrides, f"output_dir={tmp}", "lora.dropout=0.0"])
-        result = check(prepare_run(cfg), cfg, eval_mode)
+        parts = prepare_run(cfg)
+        result = check(parts, parts.cfg, eval_mode)
     return result.passed, report(result, cfg)

@@ -67,17 +67,19 @@ def graphs_unsupported(cfg, device=None, world: int = 1) -> str | None:
     return None
 
 
-def use_graphs(cfg, device=None, world: int = 1) -> bool:
-    """``model.cuda_graphs`` for this run (on ``device`` with ``world`` processes, where given):
-    auto = wherever they can run, for rows of up to AUTO_MAX_ROW tokens; true = wherever they can
-    run, and a ConfigError elsewhere (loading the config checks what it can, the run the rest,
-    before the base is loaded)."""
+def use_graphs(cfg, device=None, world: int = 1, rows: int | None = None) -> bool:
+    """``model.cuda_graphs`` for this run (on ``device`` with ``world`` processes, in rows of up to
+    ``rows`` tokens, where given; rows: data.pack_tokens, which the memory plan resolves where it
+    is auto): auto = wherever they can run, for rows of up to AUTO_MAX_ROW tokens; true = wherever
+    they can run, and a ConfigError elsewhere (loading the config checks what it can, the run the
+    rest, before the base is loaded)."""
     from medqa_loop.config import ConfigError
 
     why = graphs_unsupported(cfg, device, world)
     if cfg.model.cuda_graphs is True and why is not None:
         raise ConfigError(f"config key 'model.cuda_graphs' is true, but {why}; set it to auto or false")
-    if cfg.model.cuda_graphs == "auto" and cfg.data.pack_tokens > AUTO_MAX_ROW:
+    rows = cfg.data.pack_tokens if rows is None else rows
+    if cfg.model.cuda_graphs == "auto" and (rows == "auto" or rows > AUTO_MAX_ROW):
         return False
     return cfg.model.cuda_graphs is not False and why is None
 
@@ -130,17 +132,18 @@ def row_slots(lengths: list[int], tokens: int, pair_tokens: int) -> int:
 class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: dict[str, torch.Tensor]  # the buffers each replay's batch is copied into
-    loss: torch.Tensor  # the micro-batch's loss sum, written by each replay
+    output: torch.Tensor  # written by each replay: the loss sum (training), eval_sums (evaluation)
 
 
 class MicroBatchGraphs:
-    """Forward + backward of packed micro-batches, one CUDA graph per padded row size (module
-    docstring). ``run(batch, scale)`` does what ``(model_loss_sum(model, batch) * scale).backward()``
-    does and returns the loss sum."""
+    """Packed micro-batches as CUDA graphs, one per padded row size and kind (module docstring):
+    ``run(batch, scale)`` does what ``(model_loss_sum(model, batch) * scale).backward()`` does
+    and returns the loss sum; ``evaluate(batch)`` returns what evaluation's
+    ``eval_sums(model_logits(model, batch), batch)`` does (the model in eval mode, no grad)."""
 
     def __init__(self, model, examples: list[dict], pad_id: int, say=print):
-        """For ``model`` (patched by use_fused_ops) training on ``examples`` (tokenized pairs:
-        their lengths bound a row's pairs)."""
+        """For ``model`` (patched by use_fused_ops) running on ``examples`` (tokenized pairs,
+        training and validation: their lengths bound a row's pairs)."""
         from medqa_loop.kernels.patch import dropout_seeds
 
         self.model, self.pad_id, self.say = model, pad_id, say
@@ -148,7 +151,8 @@ class MicroBatchGraphs:
         self.lengths = [len(e["input_ids"]) for e in examples]
         self.pair_tokens = max(self.lengths)  # no pair is longer: FlashAttention's grid covers each
         self.seeds = dropout_seeds(model)
-        self.graphs: dict[int, _Captured] = {}  # by padded row size
+        self.graphs: dict[int, _Captured] = {}  # training's, by padded row size
+        self.eval_graphs: dict[int, _Captured] = {}  # evaluation's
         self.slots: dict[int, int] = {}  # pair boundaries a row of each size has room for (row_slots)
         self.pool: torch.cuda.MemPool | None = None  # the graphs' memory, and their eager first runs'
         self.stream: torch.cuda.Stream | None = None  # where those run and the graphs are captured
@@ -158,21 +162,35 @@ class MicroBatchGraphs:
         self.off: str | None = None  # why graphs stopped, after a failed capture
 
     def run(self, batch: Batch, scale: torch.Tensor) -> torch.Tensor:
-        tokens = padded_tokens(batch["input_ids"].size(1))
-        if tokens not in self.slots:
-            self.slots[tokens] = row_slots(self.lengths, tokens, self.pair_tokens)
-        row = padded_row(batch, tokens, self.slots[tokens], self.pair_tokens, self.pad_id)
+        tokens, row = self._padded(batch)
         self._bind_grads()
         captured = self.graphs.get(tokens)
         if captured is None:
-            return self._run_eagerly_then_capture(tokens, row, scale)
-        for key, buffer in captured.inputs.items():
-            buffer.copy_(row[key])
+            return self._run_eagerly_then_capture(self.graphs, tokens, row, scale)
         self.scale.copy_(scale)
         if self.seeds.count:
             self.seeds.refill(self.seed_buffer)
+        return self._replay(captured, row)
+
+    def evaluate(self, batch: Batch) -> torch.Tensor:
+        tokens, row = self._padded(batch)
+        captured = self.eval_graphs.get(tokens)
+        if captured is None:
+            return self._run_eagerly_then_capture(self.eval_graphs, tokens, row)
+        return self._replay(captured, row)
+
+    def _padded(self, batch: Batch) -> tuple[int, dict]:
+        tokens = padded_tokens(batch["input_ids"].size(1))
+        if tokens not in self.slots:
+            self.slots[tokens] = row_slots(self.lengths, tokens, self.pair_tokens)
+        return tokens, padded_row(batch, tokens, self.slots[tokens], self.pair_tokens, self.pad_id)
+
+    @staticmethod
+    def _replay(captured: _Captured, row: dict) -> torch.Tensor:
+        for key, buffer in captured.inputs.items():
+            buffer.copy_(row[key])
         captured.graph.replay()
-        return captured.loss.clone()  # the next replay of this size overwrites it
+        return captured.output.clone()  # the next replay of this graph overwrites it
 
     def _bind_grads(self) -> None:
         """Each parameter's ``.grad`` is the tensor the graphs accumulate into: where the optimizer
@@ -188,18 +206,28 @@ class MicroBatchGraphs:
         for p, g in dropped:
             p.grad = g
 
-    def _run_eagerly_then_capture(self, tokens: int, row: dict, scale: torch.Tensor) -> torch.Tensor:
-        from medqa_loop.model import model_loss_sum
+    def _body(self, row: dict, scale: torch.Tensor | None) -> torch.Tensor:
+        """What a graph runs: forward and backward of the loss sum times ``scale`` (training), or
+        without a scale, evaluation's sums (the caller has the model in eval mode, no grad)."""
+        from medqa_loop.losses import eval_sums
+        from medqa_loop.model import model_logits, model_loss_sum
 
+        if scale is None:
+            return eval_sums(model_logits(self.model, row), row)
+        loss = model_loss_sum(self.model, row)
+        (loss * scale.to(loss.dtype)).backward()
+        return loss.detach()  # its autograd graph released before a capture makes its own
+
+    def _run_eagerly_then_capture(self, graphs: dict, tokens: int, row: dict, scale: torch.Tensor | None = None) -> torch.Tensor:
         if self.pool is None:
             self.pool, self.stream = torch.cuda.MemPool(), torch.cuda.Stream()
             # The buffers that outlive a micro-batch live outside the pool, which then holds
             # only what the graphs make and use within one.
             device = self.params[0].device
             self.grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
-            self._bind_grads()
             self.scale = torch.ones((), device=device)
             self.seed_buffer = torch.zeros(self.seeds.count, dtype=torch.int64, device=device)
+            self._bind_grads()
         # Eagerly on the stream the graphs are captured on, as PyTorch's capture recipe has it:
         # the autograd nodes that accumulate the gradients must not be the default stream's. In
         # the graphs' pool, so that its activations are the memory the capture then reuses (in
@@ -207,26 +235,22 @@ class MicroBatchGraphs:
         side, current = self.stream, torch.cuda.current_stream()
         side.wait_stream(current)
         with torch.cuda.stream(side), torch.cuda.use_mem_pool(self.pool):
-            loss = model_loss_sum(self.model, row)
-            (loss * scale.to(loss.dtype)).backward()
-            loss = loss.detach()  # its autograd graph released before the capture makes its own
+            output = self._body(row, scale)
         current.wait_stream(side)
         if self.off is None:
             try:
-                self._capture(tokens, row)
+                self._capture(graphs, tokens, row, training=scale is not None)
             except Exception as e:  # a capture runs nothing: the step stands, eager from here on
                 self.off = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 self.graphs.clear()
+                self.eval_graphs.clear()
                 warnings.warn(f"CUDA graph capture failed, micro-batches run eagerly from here on ({self.off})")
-        return loss.clone()
+        return output.clone()
 
-    def _capture(self, tokens: int, row: dict) -> None:
-        from medqa_loop.model import model_loss_sum
-
+    def _capture(self, graphs: dict, tokens: int, row: dict, training: bool) -> None:
         inputs = {k: v.clone() for k, v in row.items() if isinstance(v, torch.Tensor)}
         graph = torch.cuda.CUDAGraph()
         with self.seeds.captured(self.seed_buffer), torch.cuda.graph(graph, pool=self.pool.id, stream=self.stream):
-            loss = model_loss_sum(self.model, {**inputs, "longest_pair": row["longest_pair"]})
-            (loss * self.scale).backward()
-        self.graphs[tokens] = _Captured(graph, inputs, loss.detach())
-        self.say(f"CUDA graph captured for rows of {tokens} tokens")
+            output = self._body({**inputs, "longest_pair": row["longest_pair"]}, self.scale if training else None)
+        graphs[tokens] = _Captured(graph, inputs, output)
+        self.say(f"CUDA graph captured for {'training' if training else 'evaluation'} rows of {tokens} tokens")

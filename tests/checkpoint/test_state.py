@@ -264,6 +264,26 @@ def test_a_state_saved_before_a_key_existed_compares_it_at_its_default(reference
         check_config(state, load_config(reference / "config.yaml", ["data.dedupe=true"]), 1, force=False)
 
 
+def test_auto_rows_resume_in_the_rows_the_state_trained_in(reference, states):
+    """data.pack_tokens=auto resolves to the rows the state was trained in, not to a new plan
+    (another GPU, other free memory): the same micro-batches, so the same updates; a number that
+    differs is refused like any changed key."""
+    from medqa_loop.checkpoint.state import StateSaver
+    from medqa_loop.train import prepare_run
+
+    state = states / "state" / "step-6"
+    saved = yaml.safe_load((state / "config.yaml").read_text())
+    assert saved["data"]["pack_tokens"] == 16384  # the CPU's plan, saved resolved
+    saved["data"]["pack_tokens"] = 600  # as a GPU's plan might have chosen
+    (state / "config.yaml").write_text(yaml.safe_dump(saved))
+    (state / "manifest.json").unlink()
+    StateSaver._write_manifest(state)
+    parts = prepare_run(load_config(reference / "config.yaml", [f"output_dir={states}", "data.pack_tokens=auto"]), resume=str(state))
+    assert parts.cfg.data.pack_tokens == 600 and "pack_tokens: 600" in (states / "config.yaml").read_text()
+    with pytest.raises(StateError, match=r"data\.pack_tokens: 600 -> 1024"):
+        check_config(state, load_config(reference / "config.yaml", ["data.pack_tokens=1024"]), 1, force=False)
+
+
 def test_restore_puts_back_weights_moments_and_rngs_and_refuses_an_rng_file_it_cannot_apply(reference, states):
     from accelerate.utils import load
     from peft import get_peft_model_state_dict

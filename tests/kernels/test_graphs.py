@@ -11,7 +11,8 @@ from medqa_loop.batching import collate, to_device, window_batches
 from medqa_loop.config import ConfigError
 from medqa_loop.kernels.graphs import MicroBatchGraphs, padded_row, padded_tokens, row_slots
 from medqa_loop.kernels.patch import dropout_seeds
-from medqa_loop.model import model_loss_sum
+from medqa_loop.losses import eval_sums
+from medqa_loop.model import model_logits, model_loss_sum
 from medqa_loop.train import prepare_run
 
 
@@ -58,6 +59,21 @@ def test_a_padded_row_gives_the_rows_loss_and_gradients(tiny_cfg, tmp_path):
     assert rel(got_loss, want_loss) < 1e-6
     for name in want:
         assert want[name].norm() > 0 and rel(got[name], want[name]) < 1e-5, name
+
+
+def test_a_padded_row_gives_the_rows_eval_sums(tiny_cfg, tmp_path):
+    """Evaluation through a padded row (what an evaluation graph runs): the same loss sum,
+    weight and accuracy counts as the row (fp32, CPU)."""
+    parts = build(tiny_cfg, tmp_path)
+    parts.model.eval()
+    batch = to_device(collate(parts.val_examples[:3], pad_id=parts.tokenizer.pad_token_id, packed=True), "cpu")
+    lengths = [len(e["input_ids"]) for e in parts.val_examples]
+    tokens = padded_tokens(batch["input_ids"].size(1)) + 512
+    row = padded_row(batch, tokens, row_slots(lengths, tokens, max(lengths)), max(lengths), parts.tokenizer.pad_token_id)
+    with torch.no_grad():
+        want, got = eval_sums(model_logits(parts.model, batch), batch), eval_sums(model_logits(parts.model, row), row)
+    assert want[1] > 0 and want[3] == batch["targets"].numel()
+    assert rel(got, want) < 1e-6, (got, want)
 
 
 def test_a_training_forward_draws_one_seed_per_lora_linear(tiny_cfg, tmp_path):
@@ -142,3 +158,41 @@ def test_cuda_replayed_windows_equal_eager_windows(tiny_cfg, tmp_path, gc):
         for p, want in zip(params, eager):
             assert p.grad is not None and rel(p.grad, want) < 3e-2, (w, rel(p.grad, want))
     assert len(graphs.graphs) == 2  # rows of 512 and of 1024 tokens
+
+
+@pytest.mark.cuda
+def test_cuda_replayed_evaluation_equals_eager_and_shares_the_pool_with_training(tiny_cfg, tmp_path):
+    """Evaluation rows of two padded sizes: replayed, the sums are the eager ones, before and
+    after training graphs have been captured and replayed in the same memory pool (the weights
+    unchanged: no optimizer step)."""
+    from medqa_loop.batching import eval_micro_batches
+
+    overrides = ["model.dtype=bfloat16", "lora.dropout=0.1", "data.pack_tokens=600", "train.micro_batch_size=1"]
+    parts = build(tiny_cfg, tmp_path, *overrides)
+    model, pad_id = parts.model, parts.tokenizer.pad_token_id
+    graphs = MicroBatchGraphs(model, parts.train_examples + parts.val_examples, pad_id, say=lambda *_: None)
+    lengths = [len(e["input_ids"]) for e in parts.val_examples]
+    batches = [to_device(parts.collate_fn([parts.val_examples[i] for i in mb]), "cuda")
+               for mb in eval_micro_batches(lengths, "pack", 4, 600)][:6]
+    assert len({padded_tokens(b["input_ids"].size(1)) for b in batches}) == 2
+
+    def evaluated(with_graphs: bool) -> list[torch.Tensor]:
+        model.eval()
+        with torch.no_grad():
+            sums = [graphs.evaluate(b) if with_graphs else eval_sums(model_logits(model, b), b) for b in batches]
+        model.train()
+        return sums
+
+    eager = evaluated(False)
+    for _ in range(2):  # eager then captured, then replayed
+        for got, want in zip(evaluated(True), eager):
+            assert rel(got, want) < 1e-5, (got, want)
+    assert len(graphs.eval_graphs) == 2 and graphs.off is None
+    scale = torch.tensor(1 / 300.0, dtype=torch.float64, device="cuda")
+    train_batches = window_batches([[0], [1], [2]], parts.train_examples, tiny_cfg(*overrides), parts.collate_fn, "cuda")
+    for _ in range(2):
+        for b in train_batches:
+            graphs.run(b, scale)
+    assert graphs.graphs and graphs.off is None
+    for got, want in zip(evaluated(True), eager):
+        assert rel(got, want) < 1e-5, (got, want)
