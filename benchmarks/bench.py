@@ -40,13 +40,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # bitsandbytes LLM.int8 matmul with packing: what the fast int8 path replaces.
     "medqa_loop_bnb_pack8k": ("int8", ["model.int8_matmul=bnb"]),
     # The defaults (configs/recipe.yaml as shipped): int8 weights cast per matmul, bf16, fused
-    # LoRA/norm/SwiGLU ops, a window's 16 pairs packed into one row with varlen FlashAttention,
-    # activation checkpointing as the memory plan chooses (model.gradient_checkpointing: auto).
+    # LoRA/norm/SwiGLU ops, pairs packed with varlen FlashAttention into rows of the size, and
+    # activation checkpointing and CUDA graphs as, the memory plan chooses (on an H200: a window a
+    # row, nothing checkpointed).
     "medqa_loop": ("int8", []),
-    # The defaults planned for a 16 GB GPU (model.memory_limit_gb): the memory plan checkpoints
-    # the layers it must for the data's largest micro-batch to fit 16 GB less its 10% margin.
+    # The defaults planned for a 16 GB GPU (model.memory_limit_gb): the memory plan chooses the
+    # rows and the layers to checkpoint for the data's largest micro-batch to fit 16 GB less its
+    # 10% margin (2k-token rows as CUDA graphs, 2 layers checkpointed).
     "medqa_loop_16gb": ("int8", ["model.memory_limit_gb=16"]),
-    # The same with 2k-token rows: four or five micro-batches a window, few or no layers
+    # The same with 2k-token rows set by hand: four or five micro-batches a window, few or no layers
     # checkpointed; CPU-bound eagerly, at the GPU's pace as CUDA graphs.
     "medqa_loop_16gb_2k": ("int8", ["model.memory_limit_gb=16", "data.pack_tokens=2048"]),
     "medqa_loop_16gb_2k_eager": ("int8", ["model.memory_limit_gb=16", "data.pack_tokens=2048", "model.cuda_graphs=false"]),
@@ -54,7 +56,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "medqa_loop_eager": ("int8", ["model.cuda_graphs=false"]),
     # Speed with memory to spare: 8k-token rows, no layer checkpointed.
     "medqa_loop_pack8k_nogc": ("int8", ["data.pack_tokens=8192", "model.gradient_checkpointing=false"]),
-    # The same with every layer checkpointed (the defaults before the memory plan; ~13 GB).
+    # Every layer checkpointed, a window a row (the defaults before the memory plan; ~12 GB).
     "medqa_loop_checkpoint_all": ("int8", ["model.gradient_checkpointing=true"]),
     # Length-grouped dynamic padding instead of packing (4 pairs a micro-batch x GA 4).
     "medqa_loop_group4": ("int8", ["data.batching=group_by_length", "train.micro_batch_size=4",
@@ -119,8 +121,10 @@ def prepare(work: Path, mean_tokens: float, sigma: float) -> tuple[Path, Path, P
 def summarize(metrics: Path, profiled: set[int] = frozenset()) -> dict:
     """Throughput over the logged optimizer steps after the first (which carries start-up),
     leaving out the ``profiled`` ones (the profiler slows them)."""
-    logged = [r for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+    records = list(map(json.loads, metrics.read_text().splitlines()))
+    logged = [r for r in records if "loss" in r]
     steps = [r for r in logged[1:] if r["step"] not in profiled]
+    plan = next((r for r in records if "checkpoint_layers" in r), {})  # the run's first line
     if not steps:
         raise ValueError(f"{metrics}: no timed steps (the first is start-up; profiled ones are left out)")
     secs = sum(r["step_time_s"] for r in steps)
@@ -132,6 +136,7 @@ def summarize(metrics: Path, profiled: set[int] = frozenset()) -> dict:
         "peak_gb": max(r.get("peak_gb", 0.0) for r in steps),
         "peak_reserved_gb": max(r.get("peak_reserved_gb", 0.0) for r in steps),
         "steps_timed": len(steps),
+        "plan": {k: plan.get(k) for k in ("rows", "checkpoint_layers", "cuda_graphs", "memory_estimate_gb")},
         "step_s": [round(r["step_time_s"], 4) for r in steps],  # the spread, not only the mean
         "loss": [round(r["loss"], 6) for r in logged],  # every step's: numerics compared across code
     }
