@@ -3,7 +3,10 @@
 loop's way now: ``batching.eval_micro_batches``), and check both give the same loss and token
 accuracy.
 
-  python benchmarks/eval_bench.py --out DIR [--workdir /tmp/bench] [--rows 16384,32768] [--set key=value ...]
+  python benchmarks/eval_bench.py --out DIR [--workdir /tmp/bench] [--rows 16384,32768] [--graph-rows 2048,4096] [--set key=value ...]
+
+``--graph-rows``: packed rows of these sizes replayed as CUDA graphs (kernels.graphs, as the loop
+runs evaluation where training uses graphs), each size in a fresh memory pool.
 
 One process loads the random-init 7B base (bench.py builds it) through the entry point's
 prepare_run; each way runs twice and the second is timed (the first meets new shapes).
@@ -27,6 +30,7 @@ from bench import code_digest, prepare  # benchmarks/ is on sys.path when this f
 from medqa_loop.batching import collate, eval_micro_batches
 from medqa_loop.config import load_config
 from medqa_loop.evaluation import evaluate
+from medqa_loop.kernels.graphs import MicroBatchGraphs
 from medqa_loop.train import prepare_run
 
 
@@ -46,6 +50,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/bench")
     p.add_argument("--out", required=True)
     p.add_argument("--rows", default="16384,32768", help="packed row sizes (tokens) to time")
+    p.add_argument("--graph-rows", default="", help="packed row sizes (tokens) to time as CUDA graphs")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, as for medqa train")
     a = p.parse_args()
     out = Path(a.out)
@@ -61,21 +66,29 @@ def main() -> None:
     pad_id = run.tokenizer.pad_token_id
     size = cfg.train.eval_batch_size
     ways = {f"padded, batches of {size} in split order (before)": (
-        partial(collate, pad_id=pad_id), [list(range(i, min(i + size, len(val)))) for i in range(0, len(val), size)]
+        partial(collate, pad_id=pad_id), [list(range(i, min(i + size, len(val)))) for i in range(0, len(val), size)], False
     )}
     for tokens in [int(t) for t in a.rows.split(",") if t]:
         ways[f"packed rows of {tokens} tokens"] = (
-            partial(collate, pad_id=pad_id, packed=True), eval_micro_batches(lengths, "pack", size, tokens)
+            partial(collate, pad_id=pad_id, packed=True), eval_micro_batches(lengths, "pack", size, tokens), False
+        )
+    for tokens in [int(t) for t in a.graph_rows.split(",") if t]:
+        ways[f"packed rows of {tokens} tokens, CUDA graphs"] = (
+            partial(collate, pad_id=pad_id, packed=True), eval_micro_batches(lengths, "pack", size, tokens), True
         )
     common = {
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "code": code_digest(),
         "command": shlex.join(["python", *sys.argv]), "pairs": len(val), "tokens": sum(lengths),
     }
     with (out / "eval_results.jsonl").open("a") as f:
-        for name, (collate_fn, micro_batches) in ways.items():
-            r, seconds, peak = timed(partial(evaluate, run.accelerator, run.model, val, collate_fn, micro_batches))
+        for name, (collate_fn, micro_batches, graphed) in ways.items():
+            graphs = MicroBatchGraphs(run.model, run.train_examples + val, pad_id, lambda *_: None) if graphed else None
+            torch.cuda.empty_cache()
+            r, seconds, peak = timed(partial(evaluate, run.accelerator, run.model, val, collate_fn, micro_batches, graphs))
             row = {**common, "way": name, "forwards": len(micro_batches), "seconds": round(seconds, 3),
-                   "peak_gb": round(peak, 2), "eval_loss": r.loss, "eval_token_acc": r.token_acc}
+                   "peak_gb": round(peak, 2), "reserved_gb": round(torch.cuda.memory_reserved() / 1e9, 2),
+                   "eval_loss": r.loss, "eval_token_acc": r.token_acc}
+            del graphs
             print(json.dumps(row), flush=True)
             f.write(json.dumps(row) + "\n")
 
