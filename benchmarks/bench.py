@@ -217,6 +217,7 @@ def main() -> None:
             "step_s": result.get("step_s"),  # None for the HF Trainer reference
             "loss": result.get("loss"),
             **({"job": result["job"]} if "job" in result else {}),
+            **({"plan": result["plan"]} if "plan" in result else {}),
             "code": code_digest(),
             "command": shlex.join(cmd).replace(str(ROOT) + "/", ""),
         }

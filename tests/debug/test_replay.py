@@ -127,7 +127,11 @@ def test_a_bundle_is_found_first_and_a_state_gives_its_gradients_bit_for_bit(sta
 
 
 def test_load_run_config_reads_the_runs_config_and_refuses_other_directories(traced_run, tmp_path):
+    from medqa_loop.memory import DEFAULT_ROWS
+
     cfg, out, _, _ = traced_run
-    assert load_run_config(out).to_dict() == cfg.to_dict()
+    ran = cfg.to_dict()
+    ran["data"]["pack_tokens"] = DEFAULT_ROWS  # data.pack_tokens=auto as the run resolved it (on the CPU)
+    assert cfg.data.pack_tokens == "auto" and load_run_config(out).to_dict() == ran
     with pytest.raises(ValueError, match=r"is not a run directory \(no config.yaml\)"):
         load_run_config(tmp_path)
