@@ -1,5 +1,6 @@
-"""The memory plan: how many decoder layers to checkpoint so that a run fits its GPU, chosen
-before the base is loaded (``model.gradient_checkpointing: auto``).
+"""The memory plan: how many decoder layers to checkpoint so that a run fits its GPU
+(``model.gradient_checkpointing: auto``) and, with ``data.pack_tokens: auto``, the row size
+that runs fastest within that memory (``plan``, below); chosen before the base is loaded.
 
 Checkpointing a layer keeps only its input for backward and recomputes the rest, which costs
 about half a forward of that layer; a layer that is not checkpointed keeps its activations. The
@@ -14,7 +15,7 @@ model's config; ``overhead`` (CUDA context, cuBLAS workspaces, the allocator's s
 per-token terms are fitted by least squares on FIGURES, a sweep of the 7B shapes
 (``benchmarks/sweep.py``). For other shapes the per-token terms scale with the layers' widths,
 an assumption the figures do not test. T comes from the data: the largest micro-batch any
-window of any epoch makes (``largest_micro_batch``), a pure function of the data order.
+window of any epoch makes (``row_stats``), a pure function of the data order.
 """
 
 from __future__ import annotations
@@ -163,12 +164,6 @@ def row_stats(examples: list[dict], cfg, rows: int, world: int = 1) -> tuple[int
                     size = sum(lengths[i] for i in mb) if cfg.data.batching == "pack" else len(mb) * max(lengths[i] for i in mb)
                     largest, micro_batches, tokens = max(largest, size), micro_batches + 1, tokens + size
     return largest, micro_batches / max(windows, 1), tokens / max(windows, 1)
-
-
-def largest_micro_batch(examples: list[dict], cfg, world: int = 1) -> int:
-    """Tokens (padding included) of the largest micro-batch any process runs, in rows of
-    ``data.pack_tokens`` (row_stats)."""
-    return row_stats(examples, cfg, cfg.data.pack_tokens, world)[0]
 
 
 # -- the row size: data.pack_tokens=auto -------------------------------------------------------

@@ -56,7 +56,7 @@ def test_largest_micro_batch_is_the_largest_the_loop_runs(tiny_cfg, tokenizer, b
         for window in accumulation_windows(order, cfg.train.micro_batch_size, cfg.train.grad_accum_steps):
             for b in window_batches(window, examples, cfg, collate_fn, "cpu"):
                 seen = max(seen, b["input_ids"].numel())
-    assert M.largest_micro_batch(examples, cfg) == seen > 0
+    assert M.row_stats(examples, cfg, 600)[0] == seen > 0
 
 
 def test_on_the_cpu_auto_checkpoints_every_layer_and_a_number_is_obeyed(tiny_cfg):
@@ -93,7 +93,7 @@ def test_a_memory_limit_plans_for_less_than_the_gpu_has_free(tiny_cfg, monkeypat
     rows = "data.pack_tokens=16384"
     free = M.plan(tiny_cfg(rows), MistralConfig(), examples, "cuda")
     limited = M.plan(tiny_cfg(rows, "model.memory_limit_gb=16"), MistralConfig(), examples, "cuda")
-    tokens = M.largest_micro_batch(examples, tiny_cfg(rows))
+    tokens = M.row_stats(examples, tiny_cfg(rows), 16384)[0]
     assert tokens >= 3200 and free.layers == 0  # whole windows packed into one row
     assert limited.layers == M.choose(SEVEN_B, tokens, free_gb=16).layers > 0
     assert limited.record["memory_estimate_gb"] <= 0.9 * 16 and limited.record["memory_limit_gb"] == 16
