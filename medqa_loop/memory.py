@@ -243,12 +243,14 @@ def plan(cfg, model_config, examples: list[dict], device, world: int = 1) -> Run
 
     n_layers, setting = model_config.num_hidden_layers, cfg.model.gradient_checkpointing
     forced = _forced_layers(setting, n_layers)
-    choices = (
-        [cfg.data.pack_tokens] if cfg.data.pack_tokens != "auto"
-        else [r for r in ROW_CHOICES if r >= cfg.data.max_length]
-        if torch.device(device).type == "cuda" and cfg.data.batching == "pack" else [DEFAULT_ROWS]
-    )
-    if torch.device(device).type != "cuda":
+    on_gpu = torch.device(device).type == "cuda"
+    if cfg.data.pack_tokens != "auto":
+        choices = [cfg.data.pack_tokens]
+    elif on_gpu and cfg.data.batching == "pack":  # a row must hold the longest pair
+        choices = [r for r in ROW_CHOICES if r >= cfg.data.max_length] or [cfg.data.max_length]
+    else:
+        choices = [DEFAULT_ROWS]
+    if not on_gpu:
         rows, layers = choices[0], n_layers if forced is None else forced
         why = "on the CPU" if forced is None else "model.gradient_checkpointing"
         what = f"all {n_layers} layers" if forced is None else f"{layers} of {n_layers} layers"
