@@ -1,4 +1,5 @@
-"""A training micro-batch's forward and backward replayed as one CUDA graph (``model.cuda_graphs``).
+"""A training micro-batch's forward and backward replayed as one CUDA graph (``model.cuda_graphs``),
+and an evaluation micro-batch's forward with its sums.
 
 Eager, a packed micro-batch costs the CPU ~0.28 s whatever its size: ~1,500 Triton launches and
 ~160 autograd nodes for Mistral-7B's 32 layers. Below ~6k tokens a row that is more than the GPU
@@ -20,6 +21,10 @@ A graph replays fixed shapes at fixed addresses, so:
 * **gradients accumulate** into the ``.grad`` tensors the graph was captured with. The
   optimizer step drops ``.grad`` after each window; at the window's first micro-batch the same
   tensors are zeroed and put back.
+* **evaluation** (``evaluate``) captures the eval forward and ``losses.eval_sums`` (the model in
+  eval mode: no dropout, no seeds), one graph per padded size beside training's, in the same
+  pool: evaluation then needs no memory of its own, which within a memory limit it would not
+  get back from the pool.
 
 The first micro-batch of each size runs eagerly (padded, its loss and gradients counted like
 any other), which also runs Triton's autotuning and cuBLAS's set-up outside the capture, and is
