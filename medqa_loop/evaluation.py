@@ -57,8 +57,8 @@ def evaluate(
 
     Each process takes every world-th micro-batch and the sums are reduced, so every pair counts
     exactly once however many processes run. With ``graphs`` (kernels.graphs.MicroBatchGraphs,
-    one process) each micro-batch's forward is the replay of a CUDA graph. The
-    model goes back to train mode even on error.
+    one process) each micro-batch's forward is the replay of a CUDA graph. The model goes back
+    to train mode even on error.
     """
     mine = micro_batches[accelerator.process_index :: accelerator.num_processes]
     totals = torch.zeros(4, device=accelerator.device)  # loss sum, weight, correct, counted
