@@ -111,7 +111,7 @@ def crashed_run(out: Path, monkeypatch, *overrides):
     """``train.run`` whose loop logs one step and raises: the PreparedRun it made."""
     import medqa_loop.loop
 
-    def crash(cfg, run, hooks):
+    def crash(run, hooks):
         hooks.log.write(step=1, loss=1.5)
         raise RuntimeError("stopped mid-run")
 
