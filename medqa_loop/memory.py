@@ -278,6 +278,8 @@ def plan(cfg, model_config, examples: list[dict], device, world: int = 1) -> Run
         seconds = SPEED.window_s(window_tokens, micro_batches, layers, n_layers, graphs)
         candidates.append((seconds, rows, graphs, layers, tokens, reason))
     if not candidates:
+        if len(choices) > 1:  # auto: every size refused, the smallest's numbers
+            raise MemoryPlanError(f"{refused} (data.pack_tokens=auto tried rows of {min(choices)} to {max(choices)} tokens)")
         raise refused
     seconds, rows, graphs, layers, tokens, reason = min(candidates, key=lambda c: c[0])
     if cfg.data.pack_tokens == "auto":

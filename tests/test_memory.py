@@ -153,7 +153,7 @@ def test_no_row_size_fitting_is_an_error_with_the_smallest_rows_numbers(tiny_cfg
     import torch
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (139e9, 141e9))
-    with pytest.raises(M.MemoryPlanError, match=r"micro-batches of up to 2048 tokens"):
+    with pytest.raises(M.MemoryPlanError, match=r"micro-batches of up to 2048 tokens.*tried rows of 2048 to 16384 tokens"):
         M.plan(tiny_cfg(*GRAPHS_ON, "model.memory_limit_gb=9"), MistralConfig(), synthetic_like(), "cuda")
 
 
