@@ -128,6 +128,8 @@ def test_auto_rows_are_the_plan_expected_fastest(tiny_cfg, monkeypatch):
     assert whole.layers > small.layers + 20 and whole.record["window_s_estimate"] > small.record["window_s_estimate"]
     assert small.record["memory_estimate_gb"] <= 0.9 * 16 and small.record["rows"] == 2048
     assert "rows of up to 2048 tokens as CUDA graphs (data.pack_tokens=auto" in small.line and "16384: " in small.line
+    between = [M.plan(tiny_cfg(*GRAPHS_ON, f"model.memory_limit_gb={gb}"), seven_b, examples, "cuda") for gb in (24, 40)]
+    assert [(p.rows, p.layers, p.graphs) for p in between] == [(4096, 0, True), (8192, 0, False)]
     eager = M.plan(tiny_cfg(*GRAPHS_ON, "model.memory_limit_gb=16", "model.cuda_graphs=false"), seven_b, examples, "cuda")
     assert eager.rows > 4096 and not eager.graphs
     # a number is the rows, whatever the plan would choose
