@@ -72,7 +72,8 @@ class ModelConfig:
     fused_ops: bool = True
     # Each packed training micro-batch's forward and backward (and each evaluation micro-batch's
     # forward) replayed as one CUDA graph (medqa_loop.kernels.graphs): the CPU's ~0.3 s a
-    # micro-batch becomes one launch, so small rows run at the GPU's pace. Rows are padded to a multiple of 512 tokens (no loss there).
+    # micro-batch becomes one launch, so small rows run at the GPU's pace. Rows are padded to a
+    # multiple of 512 tokens (no loss there).
     # "auto" = on CUDA with fused_ops, varlen attention in bf16/fp16, packing into rows of up to
     # 4096 tokens, one process, debug mode off; true = at any row size, an error where it cannot run.
     cuda_graphs: bool | str = "auto"

@@ -73,8 +73,7 @@ def eval_sums(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     rows = logits.flatten(0, 1)[batch["target_positions"]]
     targets, weights = batch["targets"], batch["target_weights"]
     losses = torch.cat([
-        F.cross_entropy(rows[i : i + CE_CHUNK].float(), targets[i : i + CE_CHUNK], reduction="none")
-        for i in range(0, targets.numel(), CE_CHUNK)
+        _cross_entropy(rows[i : i + CE_CHUNK], targets[i : i + CE_CHUNK]) for i in range(0, targets.numel(), CE_CHUNK)
     ] or [weights.new_zeros(0)])
     counted = weights > 0
     correct = (rows.argmax(dim=-1) == targets) & counted

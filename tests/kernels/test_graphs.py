@@ -46,14 +46,20 @@ def test_row_slots_and_padded_sizes():
     assert [padded_tokens(n) for n in (1, 512, 513, 2000)] == [512, 512, 1024, 2048]
 
 
+def padded_copy(parts, examples: list[dict]) -> tuple[dict, dict]:
+    """(a packed row of the first 3 ``examples``, the same row padded with a whole padding pair
+    more than its graph size needs), on the CPU."""
+    batch = to_device(collate(examples[:3], pad_id=parts.tokenizer.pad_token_id, packed=True), "cpu")
+    lengths = [len(e["input_ids"]) for e in examples]
+    tokens = padded_tokens(batch["input_ids"].size(1)) + 512
+    return batch, padded_row(batch, tokens, row_slots(lengths, tokens, max(lengths)), max(lengths), parts.tokenizer.pad_token_id)
+
+
 def test_a_padded_row_gives_the_rows_loss_and_gradients(tiny_cfg, tmp_path):
     """The padding pairs attend only to themselves and have no targets: the same loss and LoRA
     gradients (fp32, CPU, with dropout: the seeds are the same draws)."""
     parts = build(tiny_cfg, tmp_path, "lora.dropout=0.2")
-    batch = to_device(collate(parts.train_examples[:3], pad_id=parts.tokenizer.pad_token_id, packed=True), "cpu")
-    lengths = [len(e["input_ids"]) for e in parts.train_examples]
-    tokens = padded_tokens(batch["input_ids"].size(1)) + 512  # a whole padding pair more than needed
-    row = padded_row(batch, tokens, row_slots(lengths, tokens, max(lengths)), max(lengths), parts.tokenizer.pad_token_id)
+    batch, row = padded_copy(parts, parts.train_examples)
     want_loss, want = loss_and_grads(parts.model, batch)
     got_loss, got = loss_and_grads(parts.model, row)
     assert rel(got_loss, want_loss) < 1e-6
@@ -66,10 +72,7 @@ def test_a_padded_row_gives_the_rows_eval_sums(tiny_cfg, tmp_path):
     weight and accuracy counts as the row (fp32, CPU)."""
     parts = build(tiny_cfg, tmp_path)
     parts.model.eval()
-    batch = to_device(collate(parts.val_examples[:3], pad_id=parts.tokenizer.pad_token_id, packed=True), "cpu")
-    lengths = [len(e["input_ids"]) for e in parts.val_examples]
-    tokens = padded_tokens(batch["input_ids"].size(1)) + 512
-    row = padded_row(batch, tokens, row_slots(lengths, tokens, max(lengths)), max(lengths), parts.tokenizer.pad_token_id)
+    batch, row = padded_copy(parts, parts.val_examples)
     with torch.no_grad():
         want, got = eval_sums(model_logits(parts.model, batch), batch), eval_sums(model_logits(parts.model, row), row)
     assert want[1] > 0 and want[3] == batch["targets"].numel()
