@@ -3,10 +3,13 @@
 loop's way now: ``batching.eval_micro_batches``), and check both give the same loss and token
 accuracy.
 
-  python benchmarks/eval_bench.py --out DIR [--workdir /tmp/bench] [--rows 16384,32768] [--graph-rows 2048,4096] [--set key=value ...]
+  python benchmarks/eval_bench.py --out DIR [--workdir /tmp/bench] [--rows 16384,32768] [--graph-rows 2048,4096]
+      [--no-padded] [--lora-b-std 0.01] [--set key=value ...]
 
 ``--graph-rows``: packed rows of these sizes replayed as CUDA graphs (kernels.graphs, as the loop
-runs evaluation where training uses graphs), each size in a fresh memory pool.
+runs evaluation where training uses graphs), each size in a fresh memory pool. ``--lora-b-std``:
+LoRA's B matrices drawn from N(0, std^2) (seeded) instead of PEFT's zeros, so the adapters change
+the loss, as after training; the loss then compares code versions on the same adapters.
 
 One process loads the random-init 7B base (bench.py builds it) through the entry point's
 prepare_run; each way runs twice and the second is timed (the first meets new shapes).
@@ -51,6 +54,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--rows", default="16384,32768", help="packed row sizes (tokens) to time")
     p.add_argument("--graph-rows", default="", help="packed row sizes (tokens) to time as CUDA graphs")
+    p.add_argument("--no-padded", action="store_true", help="leave out the padded batches (the old way)")
+    p.add_argument("--lora-b-std", type=float, help="draw LoRA's B from N(0, std^2), seed 0, instead of zeros")
     p.add_argument("--set", nargs="*", default=[], help="config overrides, as for medqa train")
     a = p.parse_args()
     out = Path(a.out)
@@ -61,11 +66,17 @@ def main() -> None:
         f"data.dataset={data}", *a.set,
     ])
     run = prepare_run(cfg, overwrite=True)
+    if a.lora_b_std:
+        gen = torch.Generator(device=run.accelerator.device).manual_seed(0)
+        with torch.no_grad():
+            for name, param in run.model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, a.lora_b_std, generator=gen)
     val = run.val_examples
     lengths = [len(e["input_ids"]) for e in val]
     pad_id = run.tokenizer.pad_token_id
     size = cfg.train.eval_batch_size
-    ways = {f"padded, batches of {size} in split order (before)": (
+    ways = {} if a.no_padded else {f"padded, batches of {size} in split order (before)": (
         partial(collate, pad_id=pad_id), [list(range(i, min(i + size, len(val)))) for i in range(0, len(val), size)], False
     )}
     for tokens in [int(t) for t in a.rows.split(",") if t]:
@@ -79,6 +90,7 @@ def main() -> None:
     common = {
         "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "code": code_digest(),
         "command": shlex.join(["python", *sys.argv]), "pairs": len(val), "tokens": sum(lengths),
+        "lora_b_std": a.lora_b_std,
     }
     with (out / "eval_results.jsonl").open("a") as f:
         for name, (collate_fn, micro_batches, graphed) in ways.items():

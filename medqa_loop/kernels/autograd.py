@@ -67,10 +67,17 @@ def _frozen_weight(w: torch.Tensor, scb: torch.Tensor | None, dtype: torch.dtype
 # input, _project_backward its gradients.
 
 
-def _project(x2, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed, with_base: bool = True):
+def _project(x2, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed, with_base: bool = True,
+             inference: bool = False):
     """(y, xa, a, b) for one projection of the 2-D x2: y = x2 W^T + b + scale * (dropout(x2) A^T) B^T
     (``x2 W^T`` left out without ``with_base``), xa = scale/(1-p) * dropout(x2) A^T, and A, B cast to
-    x2's dtype (None, None, None for a projection without LoRA)."""
+    x2's dtype (None, None, None for a projection without LoRA, or when LoRA is folded in).
+
+    ``inference``: no backward follows (the caller runs under torch.no_grad). Then, with no
+    dropout and the base included, LoRA is folded into the frozen weight, x2 (W + scale B A)^T:
+    one matmul over a weight made per call, as the dequantized one is, in place of LoRA's r-wide
+    matmul, its [tokens, out] product with B and that product read back by the frozen matmul.
+    The same maths; the weight is rounded once to x2's dtype after the sum (ops.merged_weight)."""
     dtype = x2.dtype
     bias = None if bias is None else bias.to(dtype)
     if lora_a is None:
@@ -78,6 +85,8 @@ def _project(x2, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed, wit
             return F.linear(x2, _frozen_weight(w, scb, dtype), bias), None, None, None
         y = x2.new_zeros(x2.size(0), w.size(0))
         return (y if bias is None else y.add_(bias)), None, None, None
+    if inference and with_base and p == 0:
+        return F.linear(x2, ops.merged_weight(w, scb, lora_a, lora_b, scale, dtype), bias), None, None, None
     a, b = lora_a.to(dtype), lora_b.to(dtype)
     if p > 0:
         xa = ops.dropped_linear(x2, a, dropout_args(p, seed, x2.numel()), scale / (1.0 - p))
@@ -127,13 +136,15 @@ class LoraLinear(torch.autograd.Function):
     The LoRA output is computed first and the frozen matmul adds onto it in its epilogue
     (``addmm_``), forward and backward: a separate add of two [tokens, out] tensors re-read and
     re-wrote the frozen matmul's output. ``with_base=False`` leaves ``x W^T`` out of the output
-    (``BaseAfterLora`` adds it); x's gradient still includes W's part.
+    (``BaseAfterLora`` adds it); x's gradient still includes W's part. ``inference`` (the caller
+    runs under torch.no_grad): LoRA folds into the weight where there is no dropout (``_project``).
     """
 
     @staticmethod
-    def forward(ctx, x, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed, with_base: bool = True):
+    def forward(ctx, x, w, scb, bias, lora_a, lora_b, scale: float, p: float, seed, with_base: bool = True,
+                inference: bool = False):
         x2 = x.reshape(-1, x.size(-1))  # 2-D here and in backward: the same mask indices
-        y, xa, a, b = _project(x2, w, scb, bias, lora_a, lora_b, scale, p, seed, with_base)
+        y, xa, a, b = _project(x2, w, scb, bias, lora_a, lora_b, scale, p, seed, with_base, inference)
         ctx.save_for_backward(x, w, scb, a, b, xa)
         ctx.scale, ctx.p, ctx.seed = scale, p, seed
         ctx.grad_dtypes = lora_a.dtype, lora_b.dtype
@@ -148,7 +159,7 @@ class LoraLinear(torch.autograd.Function):
             g, x.reshape(-1, x.size(-1)), w, scb, a, b, xa, ctx.scale, ctx.p, ctx.seed, ctx.grad_dtypes,
             need_x=ctx.needs_input_grad[0],
         )
-        return None if grad_x is None else grad_x.view_as(x), None, None, None, grad_a, grad_b, None, None, None, None
+        return None if grad_x is None else grad_x.view_as(x), None, None, None, grad_a, grad_b, None, None, None, None, None
 
 
 PROJECTION_ARGS = 8  # (w, scb, bias, lora_a, lora_b, scale, p, seed): one projection, flattened
@@ -205,16 +216,16 @@ class NormedProjections(torch.autograd.Function):
     It keeps x and 1/rms, not the normed input: backward normalises x again (one elementwise
     pass, the same bits as the forward's). RMSNormFn followed by LoraLinears keeps both, x in the
     norm and the normed input in the projections: hidden_size x 2 bytes a token more per norm.
-    The norm's weight is frozen, as in RMSNormFn.
+    The norm's weight is frozen, as in RMSNormFn. ``inference``: as in LoraLinear.
     """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, eps: float, *flat):
+    def forward(ctx, x, norm_weight, eps: float, inference: bool, *flat):
         ctx.set_materialize_grads(False)  # an output backward never reached gets None, not zeros
         normed, rstd = ops.rmsnorm(x, norm_weight, eps)
         n2 = normed.reshape(-1, normed.size(-1))
         projections = _projections(flat)
-        outputs = [_project(n2, *proj) for proj in projections]
+        outputs = [_project(n2, *proj, inference=inference) for proj in projections]
         # Where x has no gradient (the first layer's input: the frozen embeddings) backward needs
         # the normed input alone: that is kept instead.
         ctx.need_x = ctx.needs_input_grad[0]
@@ -229,14 +240,16 @@ class NormedProjections(torch.autograd.Function):
         normed = ops.rmsnorm(x, norm_weight, ctx.eps)[0] if ctx.need_x else x
         grad_n, lora_grads = _backward_projections(grads, normed.reshape(-1, x.size(-1)), saved, ctx.need_x)
         grad_x = ops.rmsnorm_backward(x, norm_weight, rstd, grad_n.view_as(x)) if ctx.need_x else None
-        return grad_x, None, None, *[g for pair in lora_grads for g in _projection_grads(pair)]
+        return grad_x, None, None, None, *[g for pair in lora_grads for g in _projection_grads(pair)]
 
 
 class NormedSwiGLU(torch.autograd.Function):
     """A SiLU-gated MLP up to its last frozen matmul, as one node: with n = rmsnorm(x),
     h = silu(gate(n)) * up(n), it returns (h, down's LoRA output on h, bias included, without
     ``h W_down^T``), which ``BaseAfterLora`` adds so that a checkpointed layer's recompute stops
-    before that matmul. The arguments after eps: gate's, up's and down's PROJECTION_ARGS.
+    before that matmul; with ``inference`` (no backward follows: no recompute to stop, and each
+    LoRA folds into its weight, see ``_project``) down's whole output instead. The arguments
+    after inference: gate's, up's and down's PROJECTION_ARGS.
 
     It keeps x, 1/rms, gate(n) and up(n): neither n (as NormedProjections) nor h, which backward
     recomputes from gate and up (one elementwise pass). SiluMul followed by a LoraLinear keeps h
@@ -246,14 +259,14 @@ class NormedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, norm_weight, eps: float, *flat):
+    def forward(ctx, x, norm_weight, eps: float, inference: bool, *flat):
         ctx.set_materialize_grads(False)  # h's gradient (none: see BaseAfterLora) stays None, not zeros
         normed, rstd = ops.rmsnorm(x, norm_weight, eps)
         n2 = normed.reshape(-1, normed.size(-1))
         gate, up, down = _projections(flat)
-        gate_out, up_out = _project(n2, *gate), _project(n2, *up)
+        gate_out, up_out = _project(n2, *gate, inference=inference), _project(n2, *up, inference=inference)
         h = ops.silu_mul(gate_out[0], up_out[0])
-        down_out = _project(h, *down, with_base=False)
+        down_out = _project(h, *down, with_base=inference, inference=inference)
         _SavedProjections.save(ctx, [x, norm_weight, rstd, gate_out[0], up_out[0]], [gate, up, down],
                                [gate_out, up_out, down_out])
         ctx.eps = eps
@@ -274,7 +287,7 @@ class NormedSwiGLU(torch.autograd.Function):
         need_x = ctx.needs_input_grad[0]
         grad_n, gate_up_grads = _backward_projections([grad_g, grad_u], normed.reshape(-1, x.size(-1)), [gate, up], need_x)
         grad_x = ops.rmsnorm_backward(x, norm_weight, rstd, grad_n.view_as(x)) if need_x else None
-        return grad_x, None, None, *[g for pair in gate_up_grads + down_grads for g in _projection_grads(pair)]
+        return grad_x, None, None, None, *[g for pair in gate_up_grads + down_grads for g in _projection_grads(pair)]
 
 
 class BaseAfterLora(torch.autograd.Function):

@@ -118,10 +118,14 @@ def _fused_forward(self, projections: list[tuple], hidden_states, **kwargs):
     # What is left (position_ids, use_cache, a packed row's cu_seq_lens, ...) goes to the attention
     # function, as the stock attention passes it.
 
+    # Without a backward to come (evaluation, sampling) each LoRA folds into its frozen weight
+    # (autograd._project), and down's frozen matmul need not come after its LoRA node
+    # (BaseAfterLora, there for a recompute), so it runs in NormedSwiGLU.
+    inference = not torch.is_grad_enabled()
     shape = hidden_states.shape[:-1]
     heads = (*shape, -1, attn.head_dim)
     q, k, v = (t.view(heads).transpose(1, 2) for t in NormedProjections.apply(
-        hidden_states, ln1.weight, ln1.variance_epsilon, *q, *k, *v))
+        hidden_states, ln1.weight, ln1.variance_epsilon, inference, *q, *k, *v))
     if ops.rotary_covers(q, k, cos, sin):
         q, k = RotaryFn.apply(q, k, cos, sin)
     else:
@@ -137,5 +141,5 @@ def _fused_forward(self, projections: list[tuple], hidden_states, **kwargs):
     hidden_states = hidden_states + attn.o_proj(out.reshape(*shape, -1).contiguous())
 
     gate, up, down = projections[4:]
-    h, down_lora = NormedSwiGLU.apply(hidden_states, ln2.weight, ln2.variance_epsilon, *gate, *up, *down)
-    return hidden_states + BaseAfterLora.apply(h, down[0], down[1], down_lora)
+    h, down_out = NormedSwiGLU.apply(hidden_states, ln2.weight, ln2.variance_epsilon, inference, *gate, *up, *down)
+    return hidden_states + (down_out if inference else BaseAfterLora.apply(h, down[0], down[1], down_out))

@@ -74,6 +74,14 @@ def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch
     return impl.dequantize(cb, scb, dtype)
 
 
+def merged_weight(w, scb, lora_a, lora_b, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """W + scale * B A: the frozen weight (int8 with row scales ``scb``, or ``scb`` None: a 16-bit
+    one) with its LoRA folded in, one pass over W like ``dequantize``; a 16-bit W takes the
+    reference's one addmm."""
+    impl = backend(w, (torch.int8,)) if scb is not None and dtype in FLOAT else reference
+    return impl.merged_weight(w, scb, lora_a, lora_b, scale, dtype)
+
+
 def rmsnorm(x, weight, eps: float):
     return backend(x).rmsnorm(x, weight, eps)
 

@@ -162,9 +162,10 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if projection is None:
         return type(self).forward(self, x, *args, **kwargs)
     w, scb, bias, *lora = projection
-    if getattr(self, "_medqa_base_last", False):  # the layer's last projection: see BaseAfterLora
+    inference = not torch.is_grad_enabled()  # no backward to come: LoRA folds into the weight
+    if getattr(self, "_medqa_base_last", False) and not inference:  # the layer's last projection: see BaseAfterLora
         return BaseAfterLora.apply(x, w, scb, LoraLinear.apply(x, w, scb, bias, *lora, False))
-    return LoraLinear.apply(x, w, scb, bias, *lora)
+    return LoraLinear.apply(x, w, scb, bias, *lora, True, inference)
 
 
 def _target_loss_forward(

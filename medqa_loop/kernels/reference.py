@@ -20,7 +20,8 @@ multipliers are below 2**31) and masked back to 32 bits; the Triton kernels comp
 wrapping uint32: the same bits, checked by a test.
 
 **int8 dequantization.** W = CB * SCB/127 in the activation dtype, computed in at least fp32 and
-rounded once, as bitsandbytes dequantizes.
+rounded once, as bitsandbytes dequantizes. ``merged_weight`` adds LoRA's scale * B A before
+that one rounding: the weight a forward without backward multiplies by (autograd._project).
 
 **The loss head** over the target positions: ``cross_entropy_rows``, each row's cross-entropy
 in fp32 and its weighted gradient written over its logits (what the Triton kernel does, and what
@@ -110,6 +111,16 @@ def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch
     row scales SCB [out]."""
     wide = torch.promote_types(dtype, torch.float32)
     return (cb.to(wide) * (scb * (1 / 127.0)).to(wide)[:, None]).to(dtype)
+
+
+def merged_weight(w: torch.Tensor, scb: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """W + scale * B A in ``dtype``, summed in fp32 (or wider) and rounded once: the frozen weight
+    with its LoRA folded in, W given as bitsandbytes' int8 CB with row scales ``scb``, or as
+    itself (``scb`` None)."""
+    wide = torch.promote_types(dtype, torch.float32)
+    base = w.to(wide) if scb is None else dequantize(w, scb, wide)
+    return torch.addmm(base, lora_b.to(wide), lora_a.to(wide), alpha=scale).to(dtype)
 
 
 # -- RMSNorm and SwiGLU -------------------------------------------------------------------------

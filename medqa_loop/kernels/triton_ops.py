@@ -12,6 +12,8 @@ check them.
   written); within a rounding of the reference (fp32 accumulation in another order,
   one rounding instead of two).
 * ``dequantize``: W = CB * SCB/127, one pass over the int8 weight; the same bits as the reference.
+  ``merged_weight``: the same pass plus scale * B A (fp32, a rank-wide dot a tile); within a
+  rounding of the reference (the dot adds in another order).
 * ``rotary``: the rotary position embedding of q or k ([batch, heads, tokens, head_dim] over
   [batch, tokens, heads, head_dim] memory, as the attention's projections leave them), forward
   or backward, one program per token, fp32 inside. Reference: transformers'
@@ -146,6 +148,25 @@ def _dequantize_kernel(cb_ptr, scb_ptr, out_ptr, rows, cols, BM: tl.constexpr, B
     tl.store(out_ptr + at, (q * scale[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _merged_weight_kernel(cb_ptr, scb_ptr, b_ptr, a_ptr, out_ptr, rows, cols, rank, scale,
+                          R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # out = CB * SCB/127 + scale * B[rows, rank] @ A[rank, cols], fp32 inside (the fp32 A and B
+    # multiplied in fp32, not tf32), rounded once: the pass over the int8 weight dequantize makes,
+    # plus a rank-wide dot per tile.
+    r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    c = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
+    k = tl.arange(0, R)
+    inside = (r < rows)[:, None] & (c < cols)[None, :]
+    at = r[:, None] * cols + c[None, :]
+    q = tl.load(cb_ptr + at, mask=inside).to(tl.float32)
+    w = q * (tl.load(scb_ptr + r, mask=r < rows) * (1 / 127.0))[:, None]
+    b = tl.load(b_ptr + r[:, None] * rank + k[None, :], mask=(r < rows)[:, None] & (k < rank)[None, :], other=0.0)
+    a = tl.load(a_ptr + k[:, None] * cols + c[None, :], mask=(k < rank)[:, None] & (c < cols)[None, :], other=0.0)
+    w += scale * tl.dot(b, a, input_precision="ieee")
+    tl.store(out_ptr + at, w.to(out_ptr.dtype.element_ty), mask=inside)
+
+
 def dropped(x: torch.Tensor, seed: torch.Tensor, threshold: int) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -205,6 +226,20 @@ def dequantize(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch
     out = torch.empty(rows, cols, dtype=dtype, device=cb.device)
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 256))
     _dequantize_kernel[grid](cb, scb.float().contiguous(), out, rows, cols, BM=16, BN=256)
+    return out
+
+
+def merged_weight(cb: torch.Tensor, scb: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  scale: float, dtype: torch.dtype) -> torch.Tensor:
+    cb = cb.contiguous()
+    rows, cols = cb.shape
+    rank = lora_a.size(0)
+    out = torch.empty(rows, cols, dtype=dtype, device=cb.device)
+    grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 256))
+    _merged_weight_kernel[grid](
+        cb, scb.float().contiguous(), lora_b.float().contiguous(), lora_a.float().contiguous(), out,
+        rows, cols, rank, scale, R=_rank_block(rank), BM=16, BN=256,
+    )
     return out
 
 

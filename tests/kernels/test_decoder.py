@@ -4,10 +4,10 @@ memory kept for backward, and the per-module path wherever a hook watches a modu
 import pytest
 import torch
 
-from conftest import loss_and_grads, rel, set_lora
+from conftest import OpLog, loss_and_grads, rel, set_lora
 from medqa_loop.batching import collate, to_device
 from medqa_loop.kernels import decoder
-from medqa_loop.model import decoder_layers, model_loss_sum
+from medqa_loop.model import decoder_layers, model_logits, model_loss_sum
 from medqa_loop.train import prepare_run
 
 
@@ -99,6 +99,33 @@ def test_a_fused_layer_keeps_neither_normed_input_nor_the_swiglu_product(tiny_cf
     cfg, tokens = model.config, batch["input_ids"].numel()
     per_layer = 2 * cfg.hidden_size + cfg.intermediate_size
     assert modules - fused == (cfg.num_hidden_layers * per_layer - cfg.hidden_size) * tokens * 4  # fp32 on the CPU
+
+
+def test_a_forward_without_backward_folds_lora_into_the_weights(tiny_cfg, tmp_path):
+    """Evaluation's forward (eval mode, no_grad) gives the logits the same forward with autograd
+    recording gives, fused or per module, with no LoRA matmul of its own: each adapter is folded
+    into its frozen int8 weight as that is dequantized (autograd._project)."""
+    parts = build(tiny_cfg, tmp_path, "m", "model.gradient_checkpointing=false")
+    model, batch = parts.model, packed(parts)
+    model.eval()
+    tokens, rank = batch["input_ids"].numel(), parts.cfg.lora.r
+
+    def logits_and_r_wide_matmuls():
+        with OpLog() as log:
+            logits = model_logits(model, batch)
+        r_wide = [s for s in log.matmul_shapes() if s[0][0] == tokens and s[-1][-1] == rank]
+        return logits.detach(), len(r_wide)
+
+    want, recorded = logits_and_r_wide_matmuls()
+    with torch.no_grad():
+        got, folded = logits_and_r_wide_matmuls()
+        handles = per_module(model)
+        got_modules, folded_modules = logits_and_r_wide_matmuls()
+    for h in handles:
+        h.remove()
+    assert recorded == 7 * model.config.num_hidden_layers  # x A^T per projection: the count sees LoRA
+    assert folded == folded_modules == 0
+    assert rel(got, want) < 1e-5 and rel(got_modules, want) < 1e-5  # fp32, summed in another order
 
 
 def test_generation_and_hooks_run_the_stock_forward(tiny_cfg, tmp_path):

@@ -63,6 +63,13 @@ def test_lora_linear_gradcheck_and_forward(p, int8):
     assert torch.allclose(split, want, rtol=1e-12, atol=1e-12)
     if p > 0:  # dropout really acted
         assert not torch.allclose(got, LoraLinear.apply(x, w, scb, bias, a, b, scale, 0.0, seed))
+    # With no backward to come, the same output; without dropout LoRA is folded into the weight,
+    # so no matmul makes the r-wide x A^T (with dropout it must: the mask applies to x alone).
+    with torch.no_grad(), OpLog() as log:
+        inferred = LoraLinear.apply(x, w, scb, bias, a, b, scale, p, seed, True, True)
+    assert torch.allclose(inferred, want, rtol=1e-12, atol=1e-12)
+    r_wide = [s for s in log.matmul_shapes() if s[-1][-1] == a.size(0) and s[0][0] == 6]
+    assert (r_wide == []) == (p == 0), log.matmul_shapes()
     assert gradcheck(f, (x, a, b))
 
 

@@ -87,3 +87,41 @@ def test_cuda_dequantize_gives_the_reference_bits():
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             got, want = ops.dequantize(cb, scb, dtype), reference.dequantize(cb.cpu(), scb.cpu(), dtype)
             assert got.dtype == dtype and torch.equal(got.cpu(), want), (rows, cols, dtype)
+
+
+def lora_pair(rows: int, cols: int, rank: int, gen, device: str = "cpu"):
+    """A (rank x cols) and B (rows x rank) in fp32, as PEFT keeps them, B non-zero as after training."""
+    return (torch.randn(rank, cols, device=device, generator=gen) * 0.02,
+            torch.randn(rows, rank, device=device, generator=gen) * 0.01)
+
+
+def test_merged_weight_is_the_dequantized_weight_plus_the_scaled_lora_product():
+    """What a forward without backward multiplies by (autograd._project): W + scale * B A, summed
+    in fp32 and rounded once to the activation dtype, for an int8 and for a 16-bit W."""
+    gen = torch.Generator().manual_seed(0)
+    cb = torch.randint(-127, 128, (12, 20), generator=gen, dtype=torch.int8)
+    scb = torch.rand(12, generator=gen) * 3
+    a, b = lora_pair(12, 20, 4, gen)
+    exact = cb.double() * (scb * (1 / 127.0)).double()[:, None] + 2.0 * b.double() @ a.double()
+    for dtype in (torch.float32, torch.bfloat16):
+        got = ops.merged_weight(cb, scb, a, b, 2.0, dtype)
+        assert got.dtype == dtype and torch.allclose(got.double(), exact.to(dtype).double(), rtol=2e-7, atol=1e-9)
+    w16 = torch.randn(12, 20, generator=gen).bfloat16()
+    got = ops.merged_weight(w16, None, a, b, 2.0, torch.bfloat16)
+    assert torch.equal(got, (w16.double() + 2.0 * b.double() @ a.double()).to(torch.bfloat16))
+
+
+@pytest.mark.cuda
+def test_cuda_merged_weight_is_the_reference_within_a_rounding():
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for rows, cols, rank in ((4096, 1024, 16), (33, 4099, 8)):  # a size off the tiles, a rank under 16
+        cb = torch.randint(-127, 128, (rows, cols), device="cuda", generator=gen, dtype=torch.int8)
+        scb = torch.rand(rows, device="cuda", generator=gen) * 3
+        a, b = lora_pair(rows, cols, rank, gen, "cuda")
+        for dtype in (torch.bfloat16, torch.float32):
+            got = ops.merged_weight(cb, scb, a, b, 2.0, dtype).cpu()
+            want = reference.merged_weight(cb.cpu(), scb.cpu(), a.cpu(), b.cpu(), 2.0, dtype)
+            # the fp32 dot adds in another order: the same value, or its neighbour in dtype
+            ulp = torch.finfo(dtype).eps * want.abs().float().clamp(min=torch.finfo(dtype).tiny)
+            assert got.dtype == dtype and ((got.float() - want.float()).abs() <= ulp).all(), (rows, cols, dtype)
+            assert (got.float() != reference.dequantize(cb.cpu(), scb.cpu(), dtype).float()).any()  # LoRA is in it
