@@ -12,8 +12,8 @@ check them.
   written); within a rounding of the reference (fp32 accumulation in another order,
   one rounding instead of two).
 * ``dequantize``: W = CB * SCB/127, one pass over the int8 weight; the same bits as the reference.
-  ``merged_weight``: the same pass plus scale * B A (fp32, a rank-wide dot a tile); within a
-  rounding of the reference (the dot adds in another order).
+  ``merged_weight``: the same pass plus scale * B A (a rank-wide tf32 dot a tile, fp32 for an
+  fp32 output); within a rounding of the reference.
 * ``rotary``: the rotary position embedding of q or k ([batch, heads, tokens, head_dim] over
   [batch, tokens, heads, head_dim] memory, as the attention's projections leave them), forward
   or backward, one program per token, fp32 inside. Reference: transformers'
@@ -148,12 +148,20 @@ def _dequantize_kernel(cb_ptr, scb_ptr, out_ptr, rows, cols, BM: tl.constexpr, B
     tl.store(out_ptr + at, (q * scale[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
 
 
+# The tile is timed once per weight shape (the kernel only writes its output: safe to rerun).
+@triton.autotune(
+    configs=[triton.Config({"BM": bm, "BN": bn}, num_warps=w)
+             for bm, bn, w in ((16, 256, 4), (16, 512, 4), (32, 256, 4), (16, 1024, 4), (32, 512, 8))],
+    key=["rows", "cols"],
+)
 @triton.jit
 def _merged_weight_kernel(cb_ptr, scb_ptr, b_ptr, a_ptr, out_ptr, rows, cols, rank, scale,
-                          R: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    # out = CB * SCB/127 + scale * B[rows, rank] @ A[rank, cols], fp32 inside (the fp32 A and B
-    # multiplied in fp32, not tf32), rounded once: the pass over the int8 weight dequantize makes,
-    # plus a rank-wide dot per tile.
+                          R: tl.constexpr, PRECISE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    # out = CB * SCB/127 + scale * B[rows, rank] @ A[rank, cols], fp32 inside, rounded once: the
+    # pass over the int8 weight dequantize makes, plus a rank-wide dot per tile. The fp32 A and B
+    # multiply as tf32 on the tensor cores (10 mantissa bits, more than the 16-bit output keeps;
+    # LoRA's own matmuls round A and B to 16 bits), or in full fp32 for an fp32 output (PRECISE),
+    # which is several times slower.
     r = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     c = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     k = tl.arange(0, R)
@@ -163,7 +171,10 @@ def _merged_weight_kernel(cb_ptr, scb_ptr, b_ptr, a_ptr, out_ptr, rows, cols, ra
     w = q * (tl.load(scb_ptr + r, mask=r < rows) * (1 / 127.0))[:, None]
     b = tl.load(b_ptr + r[:, None] * rank + k[None, :], mask=(r < rows)[:, None] & (k < rank)[None, :], other=0.0)
     a = tl.load(a_ptr + k[:, None] * cols + c[None, :], mask=(k < rank)[:, None] & (c < cols)[None, :], other=0.0)
-    w += scale * tl.dot(b, a, input_precision="ieee")
+    if PRECISE:
+        w += scale * tl.dot(b, a, input_precision="ieee")
+    else:
+        w += scale * tl.dot(b, a, input_precision="tf32")
     tl.store(out_ptr + at, w.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -235,10 +246,9 @@ def merged_weight(cb: torch.Tensor, scb: torch.Tensor, lora_a: torch.Tensor, lor
     rows, cols = cb.shape
     rank = lora_a.size(0)
     out = torch.empty(rows, cols, dtype=dtype, device=cb.device)
-    grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 256))
-    _merged_weight_kernel[grid](
+    _merged_weight_kernel[lambda meta: (triton.cdiv(rows, meta["BM"]), triton.cdiv(cols, meta["BN"]))](
         cb, scb.float().contiguous(), lora_b.float().contiguous(), lora_a.float().contiguous(), out,
-        rows, cols, rank, scale, R=_rank_block(rank), BM=16, BN=256,
+        rows, cols, rank, scale, R=_rank_block(rank), PRECISE=dtype == torch.float32,
     )
     return out
 
