@@ -1,7 +1,7 @@
 """GPU time of the elementwise kernels (Triton) at the shapes of a 16-pair window of Mistral-7B
 (~7.5k tokens), against the eager ops they replace and against the memory-bandwidth bound.
 
-  python benchmarks/kernel_bench.py [--tokens 7500] [--out benchmarks/kernel_results.jsonl]
+  python benchmarks/kernel_bench.py [--tokens 7500] [--out benchmarks/kernel_results.jsonl] [--int8-only]
   python benchmarks/kernel_bench.py --launch
 
 ``--launch`` measures the other side: CPU microseconds per call of small ops (a few elements, so
@@ -99,6 +99,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=7500)
     p.add_argument("--out")
     p.add_argument("--launch", action="store_true", help="CPU time per call of small ops instead")
+    p.add_argument("--int8-only", action="store_true", help="only the int8 weights' kernels and projections")
     a = p.parse_args()
     if a.launch:
         rows = launch_overheads()
@@ -115,7 +116,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    for width in (4096, 14336):
+    for width in () if a.int8_only else (4096, 14336):
         x = torch.randn(t, width, device="cuda", generator=gen).to(bf16)
         y = torch.randn_like(x)
         drop = dropout_args(0.1, torch.tensor(2**40 + 7, device=x.device), x.numel())
@@ -151,8 +152,9 @@ def main() -> None:
     k = torch.randn(1, t, 8, 128, device="cuda", generator=gen).to(bf16).transpose(1, 2)
     cos, sin = torch.randn(2, 1, t, 128, device="cuda", generator=gen).to(bf16)
     qk_bytes = 4 * (q.numel() + k.numel())
-    report(f"rotary q and k [{t} tokens, 32+8 heads] (Triton)", lambda: RotaryFn.apply(q, k, cos, sin), qk_bytes)
-    report(f"rotary q and k [{t} tokens, 32+8 heads] (transformers)", lambda: apply_rotary_pos_emb(q, k, cos, sin), qk_bytes)
+    if not a.int8_only:
+        report(f"rotary q and k [{t} tokens, 32+8 heads] (Triton)", lambda: RotaryFn.apply(q, k, cos, sin), qk_bytes)
+        report(f"rotary q and k [{t} tokens, 32+8 heads] (transformers)", lambda: apply_rotary_pos_emb(q, k, cos, sin), qk_bytes)
     for out_f, in_f in ((4096, 4096), (14336, 4096), (4096, 14336)):
         cb = torch.randint(-127, 128, (out_f, in_f), device="cuda", generator=gen, dtype=torch.int8)
         scb = torch.rand(out_f, device="cuda", generator=gen) + 0.5
@@ -163,6 +165,21 @@ def main() -> None:
         report(f"cast + matmul + output scale [{t}x{in_f}x{out_f}] (before)",
                lambda: torch.nn.functional.linear(x, cb.to(bf16)).mul_(scb / 127),
                3 * cb.numel() + 2 * x.numel() + 6 * t * out_f)
+        # A LoRA projection's forward without backward (evaluation): LoRA folded into the weight
+        # as it is dequantized (now), against x A^T, its product with B and the frozen matmul
+        # added onto that (the training forward, which evaluation ran before).
+        lora_a = torch.randn(16, in_f, device="cuda", generator=gen) * 0.02
+        lora_b = torch.randn(out_f, 16, device="cuda", generator=gen) * 0.01
+        report(f"merged_weight [{out_f},{in_f}] r16 (Triton: dequantize + scale B A)",
+               lambda: ops.merged_weight(cb, scb, lora_a, lora_b, 2.0, bf16), 3 * cb.numel())
+        io = 2 * x.numel() + 2 * t * out_f
+        report(f"inference LoRA projection [{t}x{in_f}x{out_f}]: merged_weight + matmul (now)",
+               lambda: torch.nn.functional.linear(x, ops.merged_weight(cb, scb, lora_a, lora_b, 2.0, bf16)),
+               3 * cb.numel() + io)
+        a16, b16 = lora_a.to(bf16), lora_b.to(bf16)
+        report(f"inference LoRA projection [{t}x{in_f}x{out_f}]: x A^T, then B, addmm_ dequantized W (before)",
+               lambda: torch.mm(torch.nn.functional.linear(x, a16).mul_(2.0), b16.t()).addmm_(x, ops.dequantize(cb, scb, bf16).t()),
+               3 * cb.numel() + io + 4 * t * out_f + 2 * x.numel())
     if a.out:
         write_rows(a.out, rows)
 
