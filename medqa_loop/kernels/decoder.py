@@ -13,7 +13,9 @@ same LoRA dropout seeds, so the masks are the same).
 Two things change. Activations: an uncheckpointed layer keeps neither normed input nor the
 SwiGLU product h, which backward recomputes in elementwise passes: 22,528 of a Mistral-7B layer's
 69,632 values a token, a third less memory a token (BENCHMARKS.md). And CPU time: one Python
-function instead of ~20 module calls, PEFT's and transformers' wrappers among them.
+function instead of ~20 module calls, PEFT's and transformers' wrappers among them. A forward
+with no backward to come (evaluation) runs down_proj whole in NormedSwiGLU, and folds each LoRA
+into its frozen weight (``autograd._project``).
 
 The layer runs its stock forward (whose modules the per-module swaps route through the fused
 functions) whenever this one might not be the same: a KV cache (generation), a projection that
