@@ -28,15 +28,19 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     otherwise hold ~3 GB of fp32 logits, softmax and gradient at once.
     """
     targets = labels[:, 1:]
-    flat_logits = logits[:, :-1].reshape(-1, logits.size(-1))
-    flat_targets = targets.reshape(-1)
+    return _chunked_cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1)).view_as(targets)
+
+
+def _chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``_cross_entropy`` of each row of the 2-D ``logits``, CE_CHUNK rows at a time; where
+    autograd records, each chunk through a checkpoint (its fp32 softmax recomputed in backward)."""
     chunks = [
-        checkpoint(_cross_entropy, flat_logits[i : i + CE_CHUNK], flat_targets[i : i + CE_CHUNK], use_reentrant=False)
+        checkpoint(_cross_entropy, logits[i : i + CE_CHUNK], targets[i : i + CE_CHUNK], use_reentrant=False)
         if torch.is_grad_enabled()
-        else _cross_entropy(flat_logits[i : i + CE_CHUNK], flat_targets[i : i + CE_CHUNK])
-        for i in range(0, flat_targets.numel(), CE_CHUNK)
+        else _cross_entropy(logits[i : i + CE_CHUNK], targets[i : i + CE_CHUNK])
+        for i in range(0, targets.numel(), CE_CHUNK)
     ]
-    return torch.cat(chunks).view_as(targets)
+    return torch.cat(chunks) if chunks else logits.new_zeros(0, dtype=torch.promote_types(logits.dtype, torch.float32))
 
 
 def shifted_targets(labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,9 +76,7 @@ def eval_sums(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     weight-0 targets (kernels.graphs) sums the same."""
     rows = logits.flatten(0, 1)[batch["target_positions"]]
     targets, weights = batch["targets"], batch["target_weights"]
-    losses = torch.cat([
-        _cross_entropy(rows[i : i + CE_CHUNK], targets[i : i + CE_CHUNK]) for i in range(0, targets.numel(), CE_CHUNK)
-    ] or [weights.new_zeros(0)])
+    losses = _chunked_cross_entropy(rows, targets)
     counted = weights > 0
     correct = (rows.argmax(dim=-1) == targets) & counted
     return torch.stack([(losses * weights).sum(), weights.sum(), correct.sum().float(), counted.sum().float()])
